@@ -1,0 +1,175 @@
+"""The command line: parse, call the library, print. No logic lives here.
+
+    visionrecipe train --data digits --model seedcnn --epochs 10 --out runs/digits
+    visionrecipe evaluate runs/digits --json
+    visionrecipe predict runs/digits a.png b.jpg --topk 3
+    visionrecipe models [NAME --image-size 32]
+
+Every user error is a VisionRecipeError, printed as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import add_config_arguments, config_from_args
+from .errors import VisionRecipeError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse exits with status 2 and a usage block; we keep status 2 and make it one line."""
+
+    def error(self, message: str):
+        raise VisionRecipeError(f"{self.prog.split()[-1]}: {message}")
+
+
+def cmd_train(args) -> int:
+    from .trainer import resume, train
+
+    if args.nproc and args.nproc > 1:
+        from .distributed import launch
+
+        return launch(args.nproc, sys.argv[1:])
+    if args.resume:
+        typed = {k: v for k, v in vars(args).items() if k in _config_fields()}
+        resume(args.resume, **typed)
+    else:
+        train(config_from_args(args))
+    return 0
+
+
+def _config_fields():
+    from .config import FIELDS
+
+    return FIELDS
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.run, data=args.data, split=args.split, device=args.device)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if args.per_class or k != "per_class"}))
+        return 0
+    print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}%  top-5 {100 * result['top5_accuracy']:.2f}%  "
+          f"loss {result['loss']:.4f}  ({result['num_correct']:,}/{result['num_images']:,} images)")
+    if args.per_class:
+        print(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+        for row in result["per_class"]:
+            print(f"{row['class']:<20} {row['precision']:>9.4f} {row['recall']:>9.4f} {row['f1']:>9.4f} {row['support']:>8}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    rows = predict(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size, device=args.device,
+                   progress=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        if "error" in row:
+            print(f"{row['path']}: error: {row['error']}")
+        else:
+            print(f"{row['path']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"]))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import count_parameters, create_model, format_layer_table, get_spec, layer_table, list_models
+
+    if args.name:
+        spec = get_spec(args.name)
+        size = args.image_size or spec.default_image_size or 32
+        print(format_layer_table(layer_table(args.name, num_classes=args.num_classes,
+                                             in_channels=args.in_channels, image_size=size)))
+        return 0
+    print(f"{'name':<16} {'family':<10} {'params (32x32, 10 classes)':>27}  description")
+    for name in list_models():
+        spec = get_spec(name)
+        size = 32 if (spec.default_image_size or 32) <= 64 else 64
+        params = count_parameters(create_model(name, 10, image_size=size))
+        print(f"{name:<16} {spec.family:<10} {params:>27,}  {spec.description}")
+    print("timm:<name>      any timm model, when timm is installed (pip install 'visionrecipe[timm]')")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="visionrecipe", description="Train, check, evaluate and deploy image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="train a model (from scratch or fine-tuning)")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    p.add_argument("--nproc", type=int, default=None, help="launch this many processes with torchrun (DDP)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a run on a split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", help="data spec (default: the run's)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--per-class", action="store_true", help="precision, recall, F1 and support per class")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("model", help="run directory")
+    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list models, or show one model's layer table")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.set_defaults(func=cmd_models)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands that live beside their modules (doctor, report, tune, export, serve, ...)."""
+    import importlib
+
+    found = []
+    for module in ("doctor", "report", "tune", "export", "serve"):
+        try:
+            mod = importlib.import_module(f".{module}_cli", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.endswith(f"{module}_cli"):
+                continue
+            raise
+        found.append(mod.register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .trainer import TrainingInterrupted
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except VisionRecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Image decoding: one function for one file, a process pool for a whole dataset.
+
+Usage::
+
+    from visionrecipe.data.decode import read_image, decode_files, resize_images
+
+    image = read_image("cat.jpg", image_size=32)          # uint8 3×32×32, as in training
+    images, kept, skipped = decode_files(paths, image_size=None, workers=None, progress=True)
+    images = resize_images(images, 64)                      # uint8 N×C×64×64 via the same PIL resize
+
+Training and ``predict`` both go through ``_decode_array``, so an image is preprocessed
+identically in both: EXIF orientation applied, every mode turned into RGB (or L for one
+channel), then a square bilinear resize with PIL's built-in antialiasing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from visionrecipe.errors import VisionRecipeError
+
+# Truncated files must fail loudly: with this True, PIL pads them with grey and a
+# half-downloaded JPEG would silently become training data.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+CHUNK_FILES = 500  # files per worker task: big enough to amortise IPC, small for the bar
+MIN_FILES_FOR_POOL = 1000  # below this, starting workers costs more than it saves
+MAX_WARNINGS = 10  # name at most this many skipped files, then summarise
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class _Unreadable(Exception):
+    """A file PIL could not decode; the message is the one-line reason."""
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode → "RGB" (3 channels) or "L" (1 channel)."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # PIL's own convert clips 16-bit values at 255 (a near-white image); scale
+        # 0–65535 → 0–255 instead. round(v / 257) == (v + 128) // 257 for integers.
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
+    target = "RGB" if channels == 3 else "L"
+    # RGBA/LA/P drop alpha exactly like torchvision's pil_loader (convert("RGB")),
+    # so pixels agree with ImageFolder; CMYK/YCbCr/1 go through PIL's converters.
+    return img if img.mode == target else img.convert(target)
+
+
+def _decode_array(source, image_size: int | None, channels: int) -> np.ndarray:
+    """Decode one file or bytes into a uint8 H×W×C array; raise _Unreadable on bad data."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            source = io.BytesIO(bytes(source))
+        with Image.open(source) as img:
+            img.load()  # decode now: truncated data raises here, not later
+            ImageOps.exif_transpose(img, in_place=True)
+            img = _to_mode(img, channels)
+            if image_size is not None and img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            array = np.asarray(img)
+    except FileNotFoundError:
+        raise
+    except UnidentifiedImageError as exc:
+        empty = not isinstance(source, io.BytesIO) and os.path.getsize(source) == 0
+        raise _Unreadable("empty file (0 bytes)" if empty else "not an image PIL can read") from exc
+    except Exception as exc:
+        # PIL raises many types on malformed input (OSError, SyntaxError, struct.error,
+        # IndexError, DecompressionBombError...); the caller names the file either way.
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise _Unreadable(text) from exc
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def check_image_size(image_size: int | None) -> int | None:
+    """Validate --image-size where it enters."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise VisionRecipeError(f"image_size must be a positive integer, got {image_size!r}")
+    return image_size
+
+
+def read_image(path_or_bytes, *, image_size: int | None, channels: int = 3) -> torch.Tensor:
+    """Decode one image file (path or bytes) into a uint8 C×H×W tensor, as the dataset does."""
+    check_image_size(image_size)
+    if channels not in (1, 3):
+        raise VisionRecipeError(f"channels must be 1 or 3, got {channels!r}")
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+    name = "image bytes" if is_bytes else os.fspath(path_or_bytes)
+    try:
+        array = _decode_array(path_or_bytes, image_size, channels)
+    except FileNotFoundError:
+        raise VisionRecipeError(f"no such image file: {name}") from None
+    except IsADirectoryError:
+        raise VisionRecipeError(f"expected an image file, got a folder: {name}") from None
+    except _Unreadable as exc:
+        raise VisionRecipeError(f"unreadable image {name}: {exc}") from None
+    # A copy: PIL's buffer is read-only, and torch wants tensors it may write to.
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))
+
+
+def _decode_chunk(task: tuple[list[str], int | None]) -> tuple:
+    """Worker: decode a list of files → (block N×C×H×W or None, failures, first good index).
+
+    With no image_size, every image must share the first one's size; a mismatch is
+    returned as ("mismatch", ...) at once so the parent can raise a clear error.
+    """
+    paths, image_size = task
+    arrays: list[np.ndarray] = []
+    failed: list[tuple[int, str]] = []
+    first_good = -1
+    for i, path in enumerate(paths):
+        try:
+            array = _decode_array(path, image_size, 3)
+        except (_Unreadable, OSError) as exc:  # OSError: vanished file or dangling link
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            failed.append((i, " ".join(reason.split())))
+            continue
+        if arrays and array.shape != arrays[0].shape:
+            return ("mismatch", paths[first_good], arrays[0].shape, path, array.shape)
+        if first_good < 0:
+            first_good = i
+        arrays.append(array)
+    block = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)) if arrays else None
+    return ("ok", block, failed, first_good)
+
+
+def _size_error(path_a: str, shape_a: tuple, path_b: str, shape_b: tuple) -> VisionRecipeError:
+    return VisionRecipeError(
+        f"images differ in size ({path_a} is {shape_a[1]}x{shape_a[0]}, {path_b} is "
+        f"{shape_b[1]}x{shape_b[0]}); pass --image-size to resize them all"
+    )
+
+
+def default_workers(workers: int | None) -> int:
+    """None → every core this process may use; validated where it enters."""
+    if workers is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise VisionRecipeError(f"workers must be a non-negative integer, got {workers!r}")
+    return workers
+
+
+def decode_files(
+    paths: list[str], *, image_size: int | None, workers: int | None, progress: bool, desc: str = "decoding"
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Decode every file once → (images of readable files, kept mask over paths, skipped).
+
+    Chunks of CHUNK_FILES go to a process pool (all cores by default); blocks come back
+    in order and are written into one preallocated array, so 60,000 images never
+    exist twice. Unreadable files are returned in ``skipped``; the caller warns or raises.
+    """
+    workers = default_workers(workers)
+    tasks = [(paths[i : i + CHUNK_FILES], image_size) for i in range(0, len(paths), CHUNK_FILES)]
+    kept = np.zeros(len(paths), dtype=bool)
+    skipped: list[tuple[str, str]] = []
+    out: np.ndarray | None = None
+    first_path = ""
+    pool = None
+    if workers > 1 and len(paths) >= MIN_FILES_FOR_POOL:
+        import multiprocessing
+
+        pool = multiprocessing.get_context().Pool(min(workers, len(tasks)))
+    try:
+        results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
+        with tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
+            for task_index, result in enumerate(results):
+                start = task_index * CHUNK_FILES
+                if result[0] == "mismatch":
+                    raise _size_error(*result[1:])
+                _, block, failed, first_good = result
+                for i, reason in failed:
+                    skipped.append((paths[start + i], reason))
+                if block is not None:
+                    if out is None:
+                        out = np.empty((len(paths), *block.shape[1:]), dtype=np.uint8)
+                        first_path = paths[start + first_good]
+                    elif block.shape[1:] != out.shape[1:]:
+                        shape_a, shape_b = out.shape[2:] + (3,), block.shape[2:] + (3,)
+                        raise _size_error(first_path, shape_a, paths[start + first_good], shape_b)
+                    good = np.ones(len(tasks[task_index][0]), dtype=bool)
+                    good[[i for i, _ in failed]] = False
+                    rows = start + np.flatnonzero(good)
+                    out[rows] = block
+                    kept[rows] = True
+                bar.update(len(tasks[task_index][0]))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if out is None:
+        size = image_size or 0
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8), torch.from_numpy(kept), skipped
+    images = out if kept.all() else out[kept]
+    return torch.from_numpy(images), torch.from_numpy(kept), skipped
+
+
+def warn_skipped(skipped: list[tuple[str, str]]) -> None:
+    """One warning per unreadable file, capped so a broken folder doesn't flood stderr."""
+    for path, reason in skipped[:MAX_WARNINGS]:
+        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+    if len(skipped) > MAX_WARNINGS:
+        warnings.warn(f"skipped {len(skipped) - MAX_WARNINGS} more unreadable images", stacklevel=2)
+
+
+def resize_images(images: torch.Tensor, image_size: int | None) -> torch.Tensor:
+    """Resize a uint8 N×C×H×W tensor to image_size² with the same PIL resize as read_image."""
+    if image_size is None or tuple(images.shape[2:]) == (image_size, image_size):
+        return images
+    channels = images.shape[1]
+    out = np.empty((len(images), channels, image_size, image_size), dtype=np.uint8)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
+        resized = np.asarray(pil.resize((image_size, image_size), Image.Resampling.BILINEAR))
+        out[i] = resized[None] if channels == 1 else resized.transpose(2, 0, 1)
+    return torch.from_numpy(out)

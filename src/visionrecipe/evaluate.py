@@ -1,0 +1,126 @@
+"""Metrics on a split: accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix.
+
+    logits = predict_logits(model, images_uint8, mean, std, tta=True, device="cpu")
+    metrics = compute_metrics(logits, labels)                  # accuracy, top5_accuracy, loss, ...
+    result = evaluate_run("runs/digits", split="test")          # also writes eval.json
+
+Evaluation always runs in fixed-size batches in eval mode, so `evaluate` in a new process
+reproduces, image for image, what training reported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+EVAL_BATCH = 500
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, mean, std, *, tta: bool = False,
+                   device: torch.device | str = "cpu", channels_last: bool = True,
+                   batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits (float32, CPU) for uint8 N×C×H×W images; with tta, the mean over the image and its mirror."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    c = len(mean)
+    mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(std, device=device).view(1, c, 1, 1) * 255)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = (images[start:start + batch_size].to(device).float() - mean_t) * inv_std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x).float()
+            if tta:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        outputs.append(logits.cpu())
+    model.train(was_training)
+    if not outputs:
+        return torch.zeros(0, 0)
+    return torch.cat(outputs)
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None) -> dict:
+    labels = labels.cpu().long()
+    n, num_classes = logits.shape
+    predictions = logits.argmax(1)
+    k = min(5, num_classes)
+    top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(1)
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes ** 2)
+    confusion = confusion.view(num_classes, num_classes)
+    result = {
+        "accuracy": float((predictions == labels).float().mean()) if n else 0.0,
+        "top5_accuracy": float(top5.float().mean()) if n else 0.0,
+        "loss": float(F.cross_entropy(logits, labels)) if n else 0.0,
+        "num_images": int(n),
+        "num_correct": int((predictions == labels).sum()),
+        "confusion_matrix": confusion.tolist(),
+    }
+    if classes is not None:
+        result["per_class"] = per_class_metrics(confusion, classes)
+    return result
+
+
+def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows = truth)."""
+    confusion = confusion.double()
+    true_pos = confusion.diag()
+    support = confusion.sum(1)
+    predicted = confusion.sum(0)
+    rows = []
+    for i, name in enumerate(classes):
+        precision = float(true_pos[i] / predicted[i]) if predicted[i] else 0.0
+        recall = float(true_pos[i] / support[i]) if support[i] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": int(support[i])})
+    return rows
+
+
+def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "test", device: str = "auto",
+                 dataset=None, write: bool = True, data_dir: str | None = None) -> dict:
+    """Score a run's best model on a split of its data (or of `data`), and write eval.json."""
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .errors import VisionRecipeError
+    from .system import select_device
+
+    run_dir = Path(run_dir).expanduser()
+    model, meta = load_model(run_dir)
+    device_t = select_device(device)
+    if dataset is None:
+        config = _run_config(run_dir)
+        dataset = load_dataset(data or meta.get("data") or config.data.data,
+                               data_dir=data_dir or config.data.data_dir,
+                               image_size=meta["input_size"][1], val_fraction=config.data.val_fraction,
+                               seed=config.run.seed, progress=False)
+    if list(dataset.classes) != list(meta["classes"]):
+        raise VisionRecipeError(f"the data's classes ({len(dataset.classes)}) do not match the model's "
+                                f"({len(meta['classes'])}): {dataset.classes[:5]} vs {meta['classes'][:5]}")
+    chosen = getattr(dataset, split, None) if split in ("train", "val", "test") else None
+    if chosen is None:
+        raise VisionRecipeError(f"split '{split}' is not available for this data (choose train, val or test)")
+    if tuple(chosen.images.shape[1:]) != tuple(meta["input_size"]):
+        raise VisionRecipeError(f"images are {list(chosen.images.shape[1:])} but the model expects {meta['input_size']}")
+    model.to(device_t)
+    logits = predict_logits(model, chosen.images, meta["mean"], meta["std"], tta=meta.get("tta", False),
+                            device=device_t)
+    result = {"split": split, "data": dataset.spec, "model": meta["architecture"],
+              **compute_metrics(logits, chosen.labels, meta["classes"]), "classes": meta["classes"]}
+    if write:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    return result
+
+
+def _run_config(run_dir: Path):
+    from .config import Config, load_config
+
+    path = run_dir / "config.yaml"
+    return load_config(path) if path.is_file() else Config()

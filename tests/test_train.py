@@ -1,0 +1,120 @@
+"""Training on real data (scikit-learn's digits): accuracy, run directory, reproducibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from visionrecipe import train
+from visionrecipe.augment import BatchAugment, random_translate
+from visionrecipe.config import Config, load_config
+from visionrecipe.schedule import lr_factor
+
+from conftest import run_cli
+
+
+def test_digits_run_reaches_95_percent_and_writes_run_dir(digits_run):
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "model.json", "last.safetensors",
+                 "last.json", "state.pt", "eval.json"):
+        assert (digits_run / name).is_file(), name
+    metrics = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(1, 7))
+    assert set(metrics[0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "lr", "img_per_s", "elapsed_s"}
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    result = json.loads((digits_run / "eval.json").read_text())
+    assert result["accuracy"] >= 0.95
+    meta = json.loads((digits_run / "model.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["input_size"] == [1, 8, 8]
+
+
+def test_evaluate_in_new_process_reproduces_training_exactly(digits_run):
+    trained = json.loads((digits_run / "eval.json").read_text())
+    proc = run_cli("evaluate", digits_run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    fresh = json.loads(proc.stdout)
+    assert fresh["num_correct"] == trained["num_correct"] and fresh["num_images"] == trained["num_images"] == 360
+    assert fresh["accuracy"] == trained["accuracy"]
+    assert {"accuracy", "top5_accuracy", "loss", "num_images"} <= set(fresh)
+
+
+def test_val_accuracy_of_best_epoch_reproduced(digits_run):
+    meta = json.loads((digits_run / "model.json").read_text())
+    proc = run_cli("evaluate", digits_run, "--split", "val", "--json")
+    assert json.loads(proc.stdout)["accuracy"] == meta["val_acc"]
+
+
+def test_same_seed_same_result(tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        run = train(data="digits", model="seedcnn", epochs=1, out=str(tmp_path / name), progress=False,
+                    report=False, deterministic=True, data_dir=str(tmp_path / "cache"))
+        losses.append(run.metrics[0]["train_loss"])
+    assert losses[0] == losses[1]
+
+
+def test_config_yaml_roundtrip_trains_same_settings(digits_run, tmp_path):
+    cfg = load_config(digits_run / "config.yaml")
+    assert cfg.model.model == "seedcnn" and cfg.optim.epochs == 6 and cfg.optim.recipe == "standard"
+    flat = Config.from_dict({"data": "digits", "lr": 0.1, "optim": {"epochs": 3}})
+    assert flat.optim.lr == 0.1 and flat.optim.epochs == 3 and flat.data.data == "digits"
+
+
+def test_fast_recipe_default_on_digits(tmp_path):
+    run = train(data="digits", epochs=4, out=str(tmp_path / "fast"), progress=False, report=False,
+                data_dir=str(tmp_path / "cache"))
+    assert run.meta["architecture"] == "fastnet" and run.meta["tta"] is True
+    assert run.evaluate()["accuracy"] >= 0.95
+
+
+def test_time_budget_ends_within_5_percent(tmp_path):
+    budget = 6.0
+    run = train(data="digits", model="seedcnn", time_budget=budget, out=str(tmp_path / "b"), progress=False,
+                report=False, data_dir=str(tmp_path / "cache"), batch_size=32)
+    elapsed = run.metrics[-1]["elapsed_s"]
+    assert abs(elapsed - budget) <= 0.05 * budget, elapsed
+
+
+def test_translate_keeps_content_and_labels():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    y = random_translate(x, 2, g)
+    assert y.shape == x.shape
+    # every output row of each image is a contiguous window of its own reflect-padded rows
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(2):
+        found = any(torch.equal(y[i, 0], padded[i, 0, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5))
+        assert found
+
+
+def test_alternating_flip_covers_both_views():
+    aug = BatchAugment([0.5], [0.25], flip=True, alternate_flip=True, n_train=100, seed=3)
+    index = torch.arange(100)
+    g = torch.Generator()
+    even, odd = aug.flip_mask(index, 0, g), aug.flip_mask(index, 1, g)
+    assert torch.equal(even, ~odd) and 20 < int(even.sum()) < 80
+    assert torch.equal(aug.flip_mask(index, 2, g), even)
+
+
+def test_schedules_shape():
+    assert lr_factor("constant", 5, 10) == 1.0
+    assert lr_factor("cosine", 0, 100) == pytest.approx(1.0) and lr_factor("cosine", 100, 100) == pytest.approx(0.0)
+    assert lr_factor("cosine", 0, 100, warmup_steps=10) == pytest.approx(0.1)
+    tri = [lr_factor("triangle", s, 100) for s in range(100)]
+    assert max(tri) == pytest.approx(1.0, abs=0.02) and tri[0] < 0.3 and tri[-1] < 0.1
+
+
+def test_ema_weights_used_for_evaluation(tmp_path):
+    from visionrecipe.checkpoint import load_model
+    from visionrecipe.trainer import Trainer
+
+    cfg = Config.from_dict({"data": "digits", "model": "seedcnn", "epochs": 1, "ema": True, "out": str(tmp_path / "e"),
+                            "progress": False, "report": False, "data_dir": str(tmp_path / "cache")})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    saved, _ = load_model(tmp_path / "e", stem="last")
+    ema_state, raw_state = trainer.ema.model.state_dict(), trainer.model.state_dict()
+    key = "fc1.weight" if "fc1.weight" in raw_state else next(k for k in raw_state if k.endswith("weight"))
+    assert not torch.equal(ema_state[key], raw_state[key])
+    assert torch.equal(saved.state_dict()[key], ema_state[key])
