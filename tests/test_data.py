@@ -58,7 +58,8 @@ def make_classes(base: Path, per_class: int = 6, seed: int = 0, classes=CLASSES,
 def reference(folder: Path) -> tuple[list[str], torch.Tensor, torch.Tensor, list[str]]:
     """torchvision's view of a folder: classes, labels, pixels (PIL → RGB → tensor), paths."""
     ref = ImageFolder(str(folder))
-    images = torch.stack([torch.from_numpy(np.asarray(ref.loader(p)).transpose(2, 0, 1).copy()) for p, _ in ref.samples])
+    pixels = [np.asarray(ref.loader(p)).transpose(2, 0, 1) for p, _ in ref.samples]
+    images = torch.from_numpy(np.stack(pixels))
     labels = torch.tensor([label for _, label in ref.samples])
     return ref.classes, labels, images, [os.path.realpath(p) for p, _ in ref.samples]
 
@@ -270,7 +271,10 @@ def write_cifar(folder: Path, kind: str, per_batch: int = 4) -> dict:
     batches["test_batch" if kind == "cifar10" else "test"] = per_batch + 1
     written = {}
     for name, n in batches.items():
-        record = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, n_classes, n).tolist()}
+        record = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, n_classes, n).tolist(),
+        }
         written[name] = record
         with open(folder / name, "wb") as f:
             pickle.dump(record, f, protocol=2)
@@ -331,7 +335,8 @@ def test_read_image_exif_16bit_cmyk(tmp_path):
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
     upright = np.rot90(stored, k=-1)
-    assert torch.equal(read_image(tmp_path / "rotated.png", image_size=None), torch.from_numpy(upright.transpose(2, 0, 1).copy()))
+    expected = torch.from_numpy(upright.transpose(2, 0, 1).copy())
+    assert torch.equal(read_image(tmp_path / "rotated.png", image_size=None), expected)
 
     wide = np.array([[0, 128, 129, 257 * 100, 65535, 30000]], dtype=np.uint16)
     Image.fromarray(wide).save(tmp_path / "deep.png")

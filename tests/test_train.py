@@ -34,7 +34,7 @@ def test_evaluate_in_new_process_reproduces_training_exactly(digits_run):
     proc = run_cli("evaluate", digits_run, "--json")
     assert proc.returncode == 0, proc.stderr
     fresh = json.loads(proc.stdout)
-    assert fresh["num_correct"] == trained["num_correct"] and fresh["num_images"] == trained["num_images"] == 360
+    assert fresh["num_correct"] == trained["num_correct"] and fresh["num_images"] == trained["num_images"] == 359
     assert fresh["accuracy"] == trained["accuracy"]
     assert {"accuracy", "top5_accuracy", "loss", "num_images"} <= set(fresh)
 
@@ -64,7 +64,8 @@ def test_config_yaml_roundtrip_trains_same_settings(digits_run, tmp_path):
 def test_fast_recipe_default_on_digits(tmp_path):
     run = train(data="digits", epochs=4, out=str(tmp_path / "fast"), progress=False, report=False,
                 data_dir=str(tmp_path / "cache"))
-    assert run.meta["architecture"] == "fastnet" and run.meta["tta"] is True
+    # digits are not mirror-symmetric: the recipe turns flips (and with them flip-TTA) off
+    assert run.meta["architecture"] == "fastnet" and run.meta["tta"] is False
     assert run.evaluate()["accuracy"] >= 0.95
 
 

@@ -29,6 +29,9 @@ from .errors import VisionRecipeError
 
 FORMAT = "visionrecipe"
 FORMAT_VERSION = 1
+# mkstemp creates files as 0600; checkpoints get the mode an ordinary open() would give them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -36,6 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -153,8 +157,9 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """Resume state; `weights_only=True` so a hostile file cannot run code."""
+def load_state(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Resume state; `weights_only=True` so a hostile file cannot run code. `required` keys
+    missing (a state from another version) are a one-line error, not a KeyError later."""
     path = Path(path)
     if not path.is_file():
         raise VisionRecipeError(f"no resume state in {path.parent} ({path.name} is missing)")
@@ -164,4 +169,7 @@ def load_state(path: Path) -> dict[str, Any]:
         raise VisionRecipeError(f"{path} is not a readable visionrecipe checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise VisionRecipeError(f"{path} is not a visionrecipe checkpoint")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise VisionRecipeError(f"{path} is an incomplete or older visionrecipe checkpoint (no {', '.join(missing)})")
     return state

@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
     if args.nproc and args.nproc > 1:
         from .distributed import launch
 
-        return launch(args.nproc, sys.argv[1:])
+        return launch(args.nproc, args.argv)
     if args.resume:
         typed = {k: v for k, v in vars(args).items() if k in _config_fields()}
         resume(args.resume, **typed)
@@ -53,8 +53,13 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if args.per_class or k != "per_class"}))
         return 0
-    print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}%  top-5 {100 * result['top5_accuracy']:.2f}%  "
-          f"loss {result['loss']:.4f}  ({result['num_correct']:,}/{result['num_images']:,} images)")
+    if result.get("task") == "multilabel":
+        print(f"{result['split']} mAP {100 * result['mAP']:.2f}%  F1 micro {100 * result['f1_micro']:.2f}%  "
+              f"macro {100 * result['f1_macro']:.2f}% at threshold {result['threshold']:g}  "
+              f"loss {result['loss']:.4f}  ({result['num_images']:,} images)")
+    else:
+        print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}%  top-5 {100 * result['top5_accuracy']:.2f}%  "
+              f"loss {result['loss']:.4f}  ({result['num_correct']:,}/{result['num_images']:,} images)")
     if args.per_class:
         print(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
         for row in result["per_class"]:
@@ -63,18 +68,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict
+    from .checkpoint import atomic_write_text
+    from .predict import format_rows, predict
 
     rows = predict(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size, device=args.device,
-                   progress=True)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        if "error" in row:
-            print(f"{row['path']}: error: {row['error']}")
-        else:
-            print(f"{row['path']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"]))
+                   progress=True, threshold=args.threshold)
+    text = format_rows(rows, args.format)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    else:
+        print(text)
     return 0
 
 
@@ -118,12 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files")
-    p.add_argument("model", help="run directory")
+    p.add_argument("model", help="run directory, or an exported .onnx file (runs on onnxruntime)")
     p.add_argument("inputs", nargs="+", help="image files, folders or globs")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--format", default="text", choices=("text", "json", "csv"))
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+    p.add_argument("--out", metavar="FILE", help="write the predictions here instead of stdout")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="multilabel runs: answer the labels above this probability (default: the run's)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list models, or show one model's layer table")
@@ -155,16 +163,21 @@ def _extensions():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .trainer import TrainingInterrupted
+    from .system import is_main_process
+    from .trainer import TrainingInterrupted, TrainingStopped
 
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc relaunches the same command
         return args.func(args)
     except VisionRecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # A NaN stop is agreed by all torchrun processes: rank 0 says it for them.
+        if is_main_process() or not isinstance(exc, TrainingStopped):
+            print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
+        if is_main_process():
+            print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

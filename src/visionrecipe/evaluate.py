@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .multilabel import compute_multilabel_metrics  # noqa: F401  (evaluate's multilabel scores)
+
 EVAL_BATCH = 500
 
 
@@ -83,10 +85,11 @@ def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "test", device: str = "auto",
-                 dataset=None, write: bool = True, data_dir: str | None = None) -> dict:
-    """Score a run's best model on a split of its data (or of `data`), and write eval.json."""
+                 dataset=None, write: bool = True, data_dir: str | None = None, return_logits: bool = False):
+    """Score a run's best model on a split of its data (or of `data`), and write eval.json.
+
+    With return_logits, returns (result, logits) so a report can show the very predictions scored."""
     from .checkpoint import load_model
-    from .data import load_dataset
     from .errors import VisionRecipeError
     from .system import select_device
 
@@ -94,11 +97,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
     model, meta = load_model(run_dir)
     device_t = select_device(device)
     if dataset is None:
-        config = _run_config(run_dir)
-        dataset = load_dataset(data or meta.get("data") or config.data.data,
-                               data_dir=data_dir or config.data.data_dir,
-                               image_size=meta["input_size"][1], val_fraction=config.data.val_fraction,
-                               seed=config.run.seed, progress=False)
+        dataset = load_run_dataset(run_dir, meta, data=data, data_dir=data_dir)
     if list(dataset.classes) != list(meta["classes"]):
         raise VisionRecipeError(f"the data's classes ({len(dataset.classes)}) do not match the model's "
                                 f"({len(meta['classes'])}): {dataset.classes[:5]} vs {meta['classes'][:5]}")
@@ -110,13 +109,45 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
     model.to(device_t)
     logits = predict_logits(model, chosen.images, meta["mean"], meta["std"], tta=meta.get("tta", False),
                             device=device_t)
-    result = {"split": split, "data": dataset.spec, "model": meta["architecture"],
-              **compute_metrics(logits, chosen.labels, meta["classes"]), "classes": meta["classes"]}
+    if meta.get("task") == "multilabel":  # sigmoid per class: mAP and F1, no softmax calibration
+        scores = compute_multilabel_metrics(logits, chosen.labels, meta.get("threshold", 0.5), meta["classes"])
+    else:
+        scores = {**compute_metrics(logits, chosen.labels, meta["classes"]), **calibration(logits, chosen.labels)}
+    result = {"split": split, "data": dataset.spec, "model": meta["architecture"], **scores,
+              "classes": meta["classes"]}
     if write:
         from .checkpoint import atomic_write_text
 
         atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
-    return result
+    return (result, logits) if return_logits else result
+
+
+def load_run_dataset(run_dir: Path, meta: dict, *, data: str | None = None, data_dir: str | None = None):
+    """The dataset a run was trained on (or `data`), loaded with the run's own settings."""
+    from .data import load_dataset
+
+    config = _run_config(Path(run_dir))
+    return load_dataset(data or meta.get("data") or config.data.data, data_dir=data_dir or config.data.data_dir,
+                        image_size=meta["input_size"][1], val_fraction=config.data.val_fraction,
+                        seed=config.run.seed, progress=False)
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Expected calibration error over equal-width confidence bins, and the bins for a reliability diagram."""
+    if len(labels) == 0:
+        return {"ece": 0.0, "calibration": []}
+    confidence, predictions = F.softmax(logits.float(), 1).max(1)
+    correct = (predictions == labels.cpu()).double()
+    which = (confidence.double() * bins).long().clamp(max=bins - 1)  # bin b: [b/bins, (b+1)/bins)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        count = int(mask.sum())
+        conf = float(confidence[mask].double().mean()) if count else 0.0
+        acc = float(correct[mask].mean()) if count else 0.0
+        ece += count / max(len(labels), 1) * abs(acc - conf)
+        rows.append({"lower": b / bins, "upper": (b + 1) / bins, "count": count, "confidence": conf, "accuracy": acc})
+    return {"ece": ece, "calibration": rows}
 
 
 def _run_config(run_dir: Path):

@@ -56,30 +56,34 @@ def default_run_dir(data: str, model: str) -> Path:
 
 def prepare_run_dir(cfg, resume: bool = False) -> Path:
     """Create (or check) the output directory before any work: writable, room for checkpoints,
-    and never overwriting an existing run without --overwrite."""
+    and never overwriting an existing run without --overwrite. Only rank 0 checks and writes;
+    under torchrun the others just learn the path."""
     from .system import is_main_process
 
     out = Path(cfg.run.out).expanduser() if cfg.run.out else default_run_dir(cfg.data.data, cfg.model.model)
     cfg.run.out = str(out)
-    if resume:
-        return out
-    if out.exists() and not out.is_dir():
-        raise VisionRecipeError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.run.overwrite:
-            raise VisionRecipeError(f"run directory {out} already exists; pass --overwrite to replace it "
-                                    f"or --resume {out} to continue it")
-        if is_main_process() and ((out / "config.yaml").exists() or (out / "model.json").exists()):
-            shutil.rmtree(out)
     if not is_main_process():
         return out
+    if resume:
+        # A kill during an atomic write leaves its temporary file behind; the target is intact.
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    else:
+        if out.exists() and not out.is_dir():
+            raise VisionRecipeError(f"output path {out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            if not cfg.run.overwrite:
+                raise VisionRecipeError(f"run directory {out} already exists; pass --overwrite to replace it "
+                                        f"or --resume {out} to continue it")
+            if (out / "config.yaml").exists() or (out / "model.json").exists():
+                shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise VisionRecipeError(f"output directory {out} is not writable ({exc.strerror})") from None
+        raise VisionRecipeError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
     free = shutil.disk_usage(out).free
     if free < 64 * 2**20:
         raise VisionRecipeError(f"only {free / 2**20:.0f} MiB free at {out}: too little room for checkpoints")

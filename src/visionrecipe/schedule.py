@@ -28,7 +28,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, *, warmup_steps: int =
     if schedule == "triangle":
         # airbench's shape: linear up over the first 23% of steps from 0.2, then linear down to 0.07.
         peak = 0.23
-        progress = step / total_steps
+        progress = min(1.0, step / total_steps)
         if progress < peak and not warmup_steps:
             return 0.2 + 0.8 * progress / peak
         return 1.0 - 0.93 * (progress - peak) / (1 - peak) if progress >= peak else 1.0

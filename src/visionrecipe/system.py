@@ -1,13 +1,19 @@
 """Device, threads, distributed world and logging: the parts that depend on where we run.
 
-    device = select_device("auto")          # cuda > mps > cpu
-    set_threads(None, device)               # physical cores on CPU
-    w = world(); w.rank, w.size             # torchrun's environment, or a single process
+    device = select_device("auto", local_rank())   # cuda > mps > cpu
+    set_threads(None, device)                       # physical cores on CPU, shared by local processes
+    w = world(device); w.rank, w.size               # torchrun's environment, or a single process
+    w.sum(t); w.max([a, b]); w.broadcast(obj); w.gather(obj)   # identity in one process
     log("only rank 0 prints this")
+    shutdown()                                      # destroy the process group at the end
+
+Under torchrun every process calls the same collectives in the same order; a decision that one
+process could take alone (stop on a signal, skip a NaN batch, save now) goes through `max` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -23,6 +29,11 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where collective tensors live: NCCL only moves CUDA tensors
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def mean(self, value: torch.Tensor) -> float:
         """The mean of a scalar over all processes (identity in one process)."""
@@ -32,19 +43,81 @@ class World:
             value /= self.size
         return float(value)
 
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over all processes, as a new tensor."""
+        if self.size == 1:
+            return tensor
+        total = tensor.detach().to(self.device, copy=True)
+        dist.all_reduce(total)
+        return total.to(tensor.device)
 
-def world() -> World:
-    """Read torchrun's environment; initialise the process group once (gloo on CPU, NCCL on GPU)."""
+    def max(self, values: list[int]) -> list[int]:
+        """Elementwise maximum of small integers over all processes: how they agree on a decision."""
+        if self.size == 1:
+            return list(values)
+        flags = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags.tolist()
+
+    def broadcast(self, obj):
+        """Rank 0's value of a picklable object, on every process."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every process's object, in rank order, on every process."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into every process's module (in place)."""
+        if self.size > 1:
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (decodes and caches a folder); the others then read the cache."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world(device: torch.device | None = None) -> World:
+    """Read torchrun's environment; initialise the process group once: NCCL for a CUDA device,
+    gloo otherwise (CPU training, or `--device cpu` on a GPU machine)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ["RANK"])
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
-    return World(rank, size, local_rank)
+        if cuda:
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(rank, size, local_rank(), f"cuda:{local_rank()}" if cuda else "cpu")
+
+
+def shutdown() -> None:
+    """Leave the process group (torchrun warns about, and NCCL may hang on, one left open)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
@@ -78,8 +151,14 @@ def select_device(name: str, local_rank: int = 0) -> torch.device:
 def physical_cores() -> int:
     """Cores, not hyper-threads: two threads on one core slow PyTorch's CPU kernels down."""
     try:
+        # (socket, core) pairs: core ids repeat on every socket of a multi-socket server.
+        cores, socket = set(), ""
         with open("/proc/cpuinfo") as f:
-            cores = {line.split(":")[1].strip() for line in f if line.startswith("core id")}
+            for line in f:
+                if line.startswith("physical id"):
+                    socket = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    cores.add((socket, line.split(":")[1].strip()))
         allowed = len(os.sched_getaffinity(0))
         return max(1, min(len(cores) or allowed, allowed))
     except (OSError, AttributeError, IndexError):
@@ -88,5 +167,8 @@ def physical_cores() -> int:
 
 def set_threads(threads: int | None, device: torch.device) -> None:
     if device.type == "cpu":
-        per_process = max(1, (threads or physical_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # The cores are shared by the processes torchrun started on this machine; an explicit
+        # --threads is taken as given, per process.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        per_process = threads or max(1, physical_cores() // local_processes)
         torch.set_num_threads(per_process)

@@ -9,35 +9,45 @@ build the model, then loop over steps. Each step gathers a batch from the device
 augments it on the device, runs forward/backward under bf16 autocast on CUDA, and steps the
 optimizer with the learning rate of the schedule at that step. Each epoch ends with validation,
 `metrics.jsonl`, the best and last models, and `state.pt` for an exact resume.
+
+    run = resume("runs/x")      # bit for bit where it stopped, mid-epoch included (docs/scale.md)
+
+SIGINT/SIGTERM finish the step, save and raise TrainingInterrupted (exit 130/143); a NaN loss
+raises TrainingStopped (or skips the batch with --on-nan skip). Under torchrun each process trains
+a DDP copy on its slice of every global batch; decisions one process could take alone (stop,
+skip, save) are agreed by all at each step, and only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .augment import BatchAugment
 from .config import LR_PER_1024, Config, apply_overrides, resolve_crop_padding, resolve_recipe, save_config
 from .data import channel_stats, load_dataset
 from .errors import VisionRecipeError
-from .evaluate import compute_metrics, predict_logits
+from .distributed import sharded_logits
+from .evaluate import compute_metrics
 from .models import create_model, get_spec
+from .multilabel import check_task, compute_multilabel_metrics, init_prior_bias, task_loss
 from .run import Run, ensure_room, prepare_run_dir
 from .schedule import lr_factor
-from .system import is_main_process, log, select_device, set_threads, world
+from .system import local_rank, log, select_device, set_threads, shutdown, warn, world
 
 
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM: state saved; `exit_code` is 130 or 143."""
 
-    def __init__(self, exit_code: int, run_dir: Path):
-        super().__init__(f"interrupted; resume with: visionrecipe train --resume {run_dir}")
+    def __init__(self, exit_code: int, run_dir: Path, processes: int = 1):
+        nproc = f" --nproc {processes}" if processes > 1 else ""
+        super().__init__(f"interrupted; resume with: visionrecipe train --resume {run_dir}{nproc}")
         self.exit_code = exit_code
 
 
@@ -47,56 +57,100 @@ class TrainingStopped(VisionRecipeError):
     exit_code = 1
 
 
-def train(config: Config | None = None, **settings) -> Run:
+def train(config: Config | None = None, *, on_epoch=None, evaluate_test: bool = True, **settings) -> Run:
+    """Train and return the Run (None in torchrun processes other than rank 0).
+    `on_epoch(record)` is called after each epoch with the
+    metrics.jsonl record (tune uses it to report to its pruner; it may raise to stop).
+    `evaluate_test=False` skips the test split at the end (tune's trials must never see it)."""
     cfg = apply_overrides(Config.from_dict(config.to_dict()) if config else Config(), settings)
-    return Trainer(cfg).fit()
+    return Trainer(cfg, on_epoch=on_epoch, evaluate_test=evaluate_test).fit()
+
+
+# Settings a resume may change: how the run is watched and where it runs, plus the two remedies
+# a NaN stop suggests. Anything else (epochs, lr, batch size, ...) would silently make a
+# different run than the one planned, so it is refused.
+RESUME_SETTINGS = {"progress", "device", "threads", "report", "checkpoint_every", "tensorboard", "compile",
+                   "on_nan", "grad_clip"}
 
 
 def resume(run_dir: str | Path, **settings) -> Run:
     """Continue a run from its `state.pt` exactly where it stopped."""
+    run_dir, cfg, changed = plan_resume(run_dir, settings)
+    return Trainer(cfg, resume_dir=run_dir, changed=changed).fit()
+
+
+def plan_resume(run_dir: str | Path, settings: dict) -> tuple[Path, Config, dict]:
+    """(run dir, its config with the changes a resume may make, those changes); others are refused."""
+    from .config import coerce, load_config
+
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise VisionRecipeError(f"cannot resume {run_dir}: no config.yaml (not a run directory)")
-    from .config import load_config
-
     cfg = load_config(run_dir / "config.yaml")
-    allowed = {"progress", "device", "threads", "report", "checkpoint_every", "tensorboard"}
+    planned = cfg.flat()
+    changed = {}
     for name, value in settings.items():
-        if name not in allowed and value != cfg.flat().get(name):
+        value = coerce(name, value) if name in planned else value  # CLI values arrive as strings
+        if name == "out" and value is not None and Path(value).expanduser() == run_dir:
+            continue
+        if value == planned.get(name):
+            continue
+        if name not in RESUME_SETTINGS:
             raise VisionRecipeError(
-                f"cannot change {name} on resume (the run was planned with {cfg.flat().get(name)!r}); "
+                f"cannot change {name} on resume (the run was planned with {planned.get(name)!r}); "
                 "start a new run, or use --weights to fine-tune from it")
-    apply_overrides(cfg, settings)
-    return Trainer(cfg, resume_dir=run_dir).fit()
+        changed[name] = value
+    apply_overrides(cfg, changed)
+    cfg.run.out = str(run_dir)  # the run may have been moved since it started
+    return run_dir, cfg, changed
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume_dir: Path | None = None):
+    def __init__(self, cfg: Config, resume_dir: Path | None = None, on_epoch=None, evaluate_test: bool = True,
+                 changed: dict | None = None):
+        self.recipe_batch = cfg.optim.batch_size is None  # the recipe's batch may shrink to fit small data
         self.cfg = resolve_recipe(cfg)
         self.resume_dir = resume_dir
+        self.changed = changed or {}  # settings a resume changed (RESUME_SETTINGS), for config.yaml
+        self.on_epoch = on_epoch
+        self.evaluate_test = evaluate_test
         self.stop_signal: int | None = None
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.world = world()
-        self.device = select_device(cfg.run.device, local_rank=self.world.local_rank)
+        self.device = select_device(cfg.run.device, local_rank=local_rank())
+        self.world = world(self.device)
         set_threads(cfg.run.threads, self.device)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.run.seed)
         spec = get_spec(cfg.model.model)  # unknown model: fail before decoding any data
+        if cfg.model.weights and cfg.data.image_size is None:
+            from .finetune import pretrained_image_size
 
-        self.run_dir = prepare_run_dir(cfg, resume=self.resume_dir is not None)
-        self.data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
-                                 val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,
-                                 strict=cfg.data.strict, progress=cfg.run.progress and is_main_process(),
-                                 workers=cfg.data.workers)
+            # Decode at the size the weights were trained at (also checks they exist, before decoding).
+            cfg.data.image_size = pretrained_image_size(cfg, spec)
+
+        # Rank 0 names the directory (the default name holds the time) and the others follow it.
+        self.run_dir = Path(self.world.broadcast(str(prepare_run_dir(cfg, resume=self.resume_dir is not None))))
+        cfg.run.out = str(self.run_dir)
+        self.tensorboard = open_tensorboard(self.run_dir) if cfg.run.tensorboard and self.world.is_main else None
+        # The resume state is read before any data is decoded: a damaged file fails in a second.
+        state = ckpt.load_state(self.run_dir / "state.pt", STATE_KEYS) if self.resume_dir is not None else None
+        with self.world.main_first():  # rank 0 decodes and caches a folder; the others read the cache
+            self.data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
+                                     val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,
+                                     strict=cfg.data.strict, progress=cfg.run.progress and self.world.is_main,
+                                     workers=cfg.data.workers)
         if self.data.skipped:
-            log(f"skipped {len(self.data.skipped)} unreadable image(s); first: {self.data.skipped[0][0]}")
+            names = ", ".join(path for path, _ in self.data.skipped[:5])
+            more = f" and {len(self.data.skipped) - 5} more" if len(self.data.skipped) > 5 else ""
+            warn(f"warning: skipped {len(self.data.skipped)} unreadable image(s): {names}{more}")
         train_split = self.data.train
         _, channels, height, width = train_split.images.shape
         self.classes = self.data.classes
+        check_task(cfg, self.data)
         self.mean, self.std = channel_stats(train_split.images)
         options = {k: v for k, v in (("width", cfg.model.width), ("depth", cfg.model.depth)) if v is not None}
         self.model = create_model(cfg.model.model, len(self.classes), in_channels=channels,
@@ -105,16 +159,23 @@ class Trainer:
             "architecture": cfg.model.model, "model_options": options, "head": cfg.model.head,
             "family": spec.family, "classes": list(self.classes), "input_size": [channels, height, width],
             "mean": self.mean, "std": self.std, "tta": bool(cfg.optim.tta), "task": cfg.model.task,
-            "data": cfg.data.data,
+            "data": cfg.data.data, "threshold": cfg.model.threshold,
         }
+        if cfg.model.task == "multilabel":
+            init_prior_bias(self.model, spec.head_path, train_split.labels)
+        self.loss_fn = task_loss(cfg)
         if cfg.model.weights:
             from .finetune import load_initial_weights
 
-            preprocessing = load_initial_weights(self.model, cfg, spec, len(self.classes))
+            preprocessing = load_initial_weights(self.model, cfg, spec, len(self.classes), classes=list(self.classes),
+                                                 resume_dir=self.resume_dir)
             self.meta.update(preprocessing or {})
             self.mean, self.std = self.meta["mean"], self.meta["std"]
+        from .finetune import backbone_freezer
+
+        self.freezer = backbone_freezer(self.model, cfg, spec.head_path)  # None unless --freeze-backbone
         self.head_path = spec.head_path
-        if is_main_process():
+        if self.world.is_main:
             # best + last model, and the state with optimizer moments: about 4 copies of the weights
             ensure_room(self.run_dir, 4 * 4 * sum(p.numel() for p in self.model.parameters()))
         self.model.to(self.device)
@@ -139,30 +200,42 @@ class Trainer:
             self.eval_split, self.eval_name = self.data.test, "test"
             log("note: --val-fraction 0: validating on the test split each epoch (model selection sees test)")
 
-        self.batch_size = min(cfg.optim.batch_size, len(self.train_labels))
-        self.steps_per_epoch = self.batch_count(len(self.train_labels))
+        if self.recipe_batch:
+            cfg.optim.batch_size = small_data_batch(cfg.optim.batch_size, len(self.train_labels), self.world.size)
+        # --batch-size is the global batch: each of the world's processes takes an equal slice of
+        # it, so 2 processes train on the same batches, with the same lr, as one.
+        if cfg.optim.batch_size % self.world.size:
+            raise VisionRecipeError(f"--batch-size {cfg.optim.batch_size} is the global batch and must be a "
+                                    f"multiple of the {self.world.size} processes")
+        n = len(self.train_labels)
+        self.global_batch = min(cfg.optim.batch_size, n - n % self.world.size)
+        self.batch_size = self.global_batch // self.world.size  # per process
+        # The last partial batch is dropped: a batch of 1 breaks BatchNorm, and equal batches keep
+        # the schedule's step count exact.
+        self.steps_per_epoch = max(1, n // self.global_batch)
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
-        self.optimizer = build_optimizer(self.model, cfg, self.head_path, self.batch_size)
+        self.optimizer = build_optimizer(self.model, cfg, self.head_path, self.global_batch)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema else None
         self.train_model = self.wrap_model()
+        if self.world.rank:
+            # Dropout masks should differ between processes as they do between images of a batch;
+            # the weights are already identical (DDP broadcast rank 0's).
+            torch.manual_seed(cfg.run.seed * 1_000_003 + self.world.rank)
         self.step = 0
         self.epoch = 0
-        self.position = 0  # batches of the current epoch already done
+        self.position = 0  # global batches of the current epoch already done
+        self.loss_sum = torch.zeros((), device=self.device)  # this epoch's loss × images, so far
+        self.seen = 0  # this epoch's images with a finite loss, so far (this process)
         self.best_acc = -1.0
         self.elapsed = 0.0  # training seconds, summed across resumes
         self.nan_skips = 0
-        if self.resume_dir is not None:
-            self.load_state()
-        else:
+        self.inject_nan = nan_injection_steps()
+        if state is not None:
+            self.load_state(state)
+        elif self.world.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "metrics.jsonl").write_text("")
-
-    def batch_count(self, n: int) -> int:
-        # The last partial batch is dropped: a batch of 1 breaks BatchNorm, and equal batches keep
-        # the schedule's step count exact.
-        per_rank = n // self.world.size
-        return max(1, per_rank // self.batch_size)
+            ckpt.atomic_write_text(self.run_dir / "metrics.jsonl", "")
 
     def wrap_model(self) -> torch.nn.Module:
         model = self.model
@@ -170,75 +243,98 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
+            # A frozen backbone gets no gradients, which DDP must be told to expect.
+            model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.freezer is not None)
         want = self.cfg.run.compile
         if want == "on" or (want == "auto" and self.device.type == "cuda"):
             model = torch.compile(model)
         return model
 
     # --- the loop ----------------------------------------------------------------------------
-    def fit(self) -> Run:
-        self.setup()
-        cfg = self.cfg
-        old_handlers = self.install_signal_handlers()
-        log(f"training {cfg.model.model} ({sum(p.numel() for p in self.model.parameters()):,} parameters) on "
-            f"{cfg.data.data}: {len(self.train_labels):,} train, {len(self.eval_split.labels):,} {self.eval_name}, "
-            f"{len(self.data.test.labels):,} test images, {len(self.classes)} classes, device {self.device}"
-            + (f", decode {self.data.decode_seconds:.1f}s" if self.data.decode_seconds else ""))
+    def fit(self) -> Run | None:
+        """Train to the end and return the Run (None in processes other than rank 0)."""
         try:
-            while self.epoch < cfg.optim.epochs and self.step < self.total_steps:
-                self.run_epoch()
+            self.setup()
+            cfg = self.cfg
+            old_handlers = self.install_signal_handlers()
+            log(f"training {cfg.model.model} ({sum(p.numel() for p in self.model.parameters()):,} parameters) on "
+                f"{cfg.data.data}: {len(self.train_labels):,} train, {len(self.eval_split.labels):,} {self.eval_name}, "
+                f"{len(self.data.test.labels):,} test images, {len(self.classes)} classes, device {self.device}"
+                + (f", {self.world.size} processes" if self.world.size > 1 else "")
+                + (f", decode {self.data.decode_seconds:.1f}s" if self.data.decode_seconds else ""))
+            try:
+                while self.epoch < cfg.optim.epochs and self.step < self.total_steps:
+                    self.run_epoch()
+            finally:
+                restore_signal_handlers(old_handlers)
+            return self.finish()
         finally:
-            restore_signal_handlers(old_handlers)
-        return self.finish()
+            shutdown()
 
     def run_epoch(self) -> None:
         cfg, epoch = self.cfg, self.epoch
         self.model.train()
+        if self.freezer is not None:
+            self.freezer.apply(epoch)  # after train(): frozen BatchNorm goes back to eval mode
         order = epoch_order(len(self.train_labels), cfg.run.seed, epoch, self.device)
-        order = order[self.world.rank::self.world.size]
+        rank, size = self.world.rank, self.world.size
         steps = min(self.steps_per_epoch, self.total_steps - self.step + self.position)
         generator = torch.Generator(device=self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        seen = 0
-        bar = progress_bar(steps, f"Epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.progress and is_main_process(),
+        bar = progress_bar(steps, f"Epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.progress and self.world.is_main,
                            initial=self.position)
-        start = time.perf_counter()
+        start = epoch_start = time.perf_counter()
         last_save = time.monotonic()
-        while self.position < steps:
-            index = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        images = 0  # trained on by this process in this session: for images per second
+        # total_steps can shrink mid-epoch when a time budget is planned, hence both bounds.
+        while self.position < steps and self.step < self.total_steps:
+            # Every process augments the same global batch (the generator is seeded by the step)
+            # and trains on its slice [rank::size], which over the epoch is order[rank::size]: the
+            # batches and augmentations are those of one process, whatever the world size.
+            index = order[self.position * self.global_batch:(self.position + 1) * self.global_batch]
             generator.manual_seed(cfg.run.seed * 1_000_003 + self.step)
-            x = self.augment(self.train_images[index], index, epoch, generator)
+            x = self.augment(self.train_images[index], index, epoch, generator)[rank::size]
+            y = self.train_labels[index][rank::size]
             if cfg.run.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss = self.train_step(x, self.train_labels[index])
-            loss_sum += loss.detach() * len(index)
-            seen += len(index)
+            loss = self.train_step(x, y)
+            if loss is not None:  # None: a non-finite loss, skipped with --on-nan skip
+                self.loss_sum += loss.detach() * len(y)
+                self.seen += len(y)
+            images += len(y)
             self.step += 1
             self.position += 1
             if bar is not None:
                 bar.update(1)
-                if self.position % 10 == 0:
+                if self.position % 10 == 0 and loss is not None:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
             if cfg.optim.time_budget and self.step == 8 and epoch == 0:
                 self.plan_budget(time.perf_counter() - start)
-            if self.stop_signal is not None:
-                self.elapsed += time.perf_counter() - start
-                self.save_state()
-                raise TrainingInterrupted(128 + self.stop_signal, self.run_dir)
-            if cfg.run.checkpoint_every and time.monotonic() - last_save > cfg.run.checkpoint_every * 60:
+            stop_signal, save_due = self.agree_on_events(last_save)
+            if stop_signal or save_due:
                 self.elapsed += time.perf_counter() - start
                 start = time.perf_counter()
                 self.save_state()
                 last_save = time.monotonic()
+            if stop_signal:
+                raise TrainingInterrupted(128 + stop_signal, self.run_dir, self.world.size)
         if bar is not None:
             bar.close()
-        train_seconds = time.perf_counter() - start
-        self.elapsed += train_seconds
-        train_loss = self.world.mean(loss_sum / max(seen, 1))
-        self.end_epoch(train_loss, seen * self.world.size / max(train_seconds, 1e-9))
+        self.elapsed += time.perf_counter() - start
+        # The loss sum survives a resume in state.pt, so a resumed epoch reports the same mean.
+        totals = self.world.sum(torch.stack([self.loss_sum, torch.tensor(float(self.seen), device=self.device)]))
+        train_loss = float(totals[0] / totals[1]) if totals[1] else float("nan")
+        self.end_epoch(train_loss, images * size / max(time.perf_counter() - epoch_start, 1e-9))
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def agree_on_events(self, last_save: float) -> tuple[int, bool]:
+        """(signal number or 0, checkpoint due), the same in every process: they stop and save
+        together, or one would wait forever for the others in the next all-reduce."""
+        every = self.cfg.run.checkpoint_every
+        due = bool(every) and time.monotonic() - last_save > every * 60
+        signum, due = self.world.max([self.stop_signal or 0, int(due)])
+        return signum, bool(due)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One optimizer step; returns the loss, or None when a non-finite loss was skipped."""
         cfg = self.cfg
         factor = lr_factor(cfg.optim.schedule, self.step, self.total_steps,
                            warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch))
@@ -246,9 +342,11 @@ class Trainer:
             group["lr"] = base * factor
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.train_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            loss = self.loss_fn(logits.float(), y)
+        if self.step + 1 in self.inject_nan:  # test hook: VISIONRECIPE_INJECT_NAN_AT_STEP
+            loss = loss * float("nan")
         if not self.loss_is_finite(loss):
-            return torch.zeros((), device=self.device)
+            return None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip:
@@ -261,13 +359,20 @@ class Trainer:
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
         # One host sync per step; cheap next to a forward/backward on CPU, and on CUDA only the
         # small nets of the fast recipe notice it.
-        if bool(torch.isfinite(loss)):
+        finite = bool(torch.isfinite(loss))
+        if self.world.size > 1:
+            # One process's NaN must stop or skip every process: a lone skip would leave the
+            # others waiting in the gradient all-reduce.
+            finite = self.world.max([int(not finite)]) == [0]
+        if finite:
             return True
+        value = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
         if self.cfg.optim.on_nan == "skip":
             self.nan_skips += 1
-            log(f"warning: non-finite loss at step {self.step + 1}, batch skipped ({self.nan_skips} so far)")
+            warn(f"warning: loss {value} at step {self.step + 1}, batch skipped ({self.nan_skips} so far)")
             return False
-        raise TrainingStopped(f"loss became {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); "
+        # Nothing is saved: the last checkpoint (state.pt, last and best model) predates the NaN.
+        raise TrainingStopped(f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); "
                               f"the last good checkpoint is kept in {self.run_dir}; "
                               "try a lower --lr, --grad-clip, or --on-nan skip")
 
@@ -278,10 +383,12 @@ class Trainer:
         validation pass estimated from the data sizes and deducted.
         """
         per_step = seconds_for_first_steps / 8
-        eval_fraction = len(self.eval_split.labels) / (3 * self.batch_size * self.steps_per_epoch)
+        eval_fraction = len(self.eval_split.labels) / (3 * self.global_batch * self.steps_per_epoch)
         budget = self.cfg.optim.time_budget / (1 + eval_fraction)
         self.total_steps = max(self.step + 1, int(budget / per_step))
         self.cfg.optim.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        # Each process timed itself; all follow rank 0's plan so they take the same steps.
+        self.total_steps, self.cfg.optim.epochs = self.world.broadcast((self.total_steps, self.cfg.optim.epochs))
 
     def replan_budget(self) -> None:
         """Re-measure at each epoch end: the first steps are a noisy estimate."""
@@ -289,6 +396,7 @@ class Trainer:
         per_step = self.elapsed / max(self.step, 1)
         self.total_steps = self.step + max(0, int(remaining / per_step))
         self.cfg.optim.epochs = max(self.epoch, math.ceil(self.total_steps / self.steps_per_epoch))
+        self.total_steps, self.cfg.optim.epochs = self.world.broadcast((self.total_steps, self.cfg.optim.epochs))
 
     def end_epoch(self, train_loss: float, images_per_second: float) -> None:
         cfg = self.cfg
@@ -297,6 +405,8 @@ class Trainer:
         metrics = self.evaluate(model, self.eval_split)
         self.epoch += 1
         self.position = 0
+        self.loss_sum.zero_()
+        self.seen = 0
         self.elapsed += time.perf_counter() - eval_start  # the budget covers validation too
         if cfg.optim.time_budget:
             self.replan_budget()
@@ -307,8 +417,12 @@ class Trainer:
             record["nan_skips"] = self.nan_skips
         log(f"Epoch {self.epoch}/{cfg.optim.epochs}  loss {train_loss:.4f}  {self.eval_name}_loss {metrics['loss']:.4f}  "
             f"{self.eval_name}_acc {100 * metrics['accuracy']:.2f}%  lr {record['lr']:.1e}  {images_per_second:,.0f} img/s")
-        if is_main_process():
+        if self.world.is_main:
             ckpt.append_jsonl(self.run_dir / "metrics.jsonl", record)
+            if self.tensorboard is not None:
+                for name, value in record.items():
+                    self.tensorboard.add_scalar(name, value, self.epoch)
+                self.tensorboard.flush()
             meta = {**self.meta, "epoch": self.epoch, f"{self.eval_name}_acc": metrics["accuracy"]}
             ckpt.save_model(self.run_dir, "last", model, meta)
             if metrics["accuracy"] > self.best_acc:
@@ -316,18 +430,28 @@ class Trainer:
                 ckpt.save_model(self.run_dir, "model", model, meta)
         self.best_acc = max(self.best_acc, metrics["accuracy"])
         self.save_state()
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     def evaluate(self, model: torch.nn.Module, split) -> dict:
-        logits = predict_logits(model, split.images, self.mean, self.std, tta=bool(self.cfg.optim.tta),
+        # Under torchrun each process scores a share of the batches, with rank 0's weights; the
+        # logits are gathered, so every image counts once and all processes agree on the metrics.
+        logits = sharded_logits(self.world, model, split.images, self.mean, self.std, tta=bool(self.cfg.optim.tta),
                                 device=self.device, channels_last=self.cfg.run.channels_last)
+        if self.cfg.model.task == "multilabel":
+            metrics = compute_multilabel_metrics(logits, split.labels, self.cfg.model.threshold)
+            return {**metrics, "accuracy": metrics["mAP"]}  # val_acc is mAP: it picks the best epoch
         return compute_metrics(logits, split.labels)
 
-    def finish(self) -> Run:
+    def finish(self) -> Run | None:
+        if not self.world.is_main:
+            return None  # rank 0 scores the test split and reports; this machine may lack the run dir
         run = Run(self.run_dir)
-        if not is_main_process():
+        if not self.evaluate_test:
             return run
         result = run.evaluate(split="test", device=str(self.device), dataset=self.data)
-        log(f"test accuracy {100 * result['accuracy']:.2f}% ({result['num_images']:,} images, "
+        score = f"mAP {100 * result['mAP']:.2f}%" if "mAP" in result else f"accuracy {100 * result['accuracy']:.2f}%"
+        log(f"test {score} ({result['num_images']:,} images, "
             f"best epoch by {self.eval_name}_acc), training {self.elapsed:.1f}s; run directory {self.run_dir}")
         if self.cfg.run.report:
             try:
@@ -340,35 +464,62 @@ class Trainer:
 
     # --- state for resume ------------------------------------------------------------------------
     def save_state(self) -> None:
-        if not is_main_process():
+        """state.pt: all a resume needs to continue bit for bit, mid-epoch included. Every process
+        calls this (the epoch's partial loss and each process's RNG are gathered); rank 0 writes."""
+        partial = self.world.sum(torch.stack([self.loss_sum, torch.tensor(float(self.seen), device=self.device)]))
+        rng = self.world.gather(rng_state(self.device))
+        if not self.world.is_main:
             return
         state = {
             "format": ckpt.FORMAT, "model": ckpt.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
             "step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps,
             "epochs": self.cfg.optim.epochs, "best_acc": self.best_acc, "elapsed": self.elapsed,
-            "nan_skips": self.nan_skips, "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "nan_skips": self.nan_skips, "loss_sum": partial[0].cpu(), "seen": int(partial[1]),
+            "world_size": self.world.size, "rng": rng,
         }
         ckpt.save_state(self.run_dir / "state.pt", state)
 
-    def load_state(self) -> None:
-        state = ckpt.load_state(self.run_dir / "state.pt")
-        ckpt.load_into(self.model, state["model"], str(self.run_dir / "state.pt"))
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.model.load_state_dict(state["ema"])
+    def load_state(self, state: dict) -> None:
+        """Continue from `state` (read in setup). The data order needs no state: it is a function
+        of (seed, epoch), and `position` says how many global batches of the epoch are done."""
+        source = str(self.run_dir / "state.pt")
+        ckpt.load_into(self.model, state["model"], source)
+        if (state["ema"] is None) != (self.ema is None):
+            raise VisionRecipeError(f"{source} does not match the run's config.yaml (ema)")
+        if self.ema is not None:
+            ckpt.load_into(self.ema.model, state["ema"], source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise VisionRecipeError(f"{source} does not match the optimizer of config.yaml ({exc})") from None
         for key in ("step", "epoch", "position", "total_steps", "best_acc", "elapsed", "nan_skips"):
             setattr(self, key, state[key])
-        self.cfg.optim.epochs = state["epochs"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        # metrics.jsonl may hold epochs written after this state was saved: drop them.
-        metrics = self.run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        ckpt.atomic_write_text(metrics, "".join(line + "\n" for line in lines[:self.epoch]))
-        log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}")
+        self.cfg.optim.epochs = state["epochs"]  # a --time-budget run re-plans its epochs
+        # The partial sum goes to rank 0 alone: summed over processes at the epoch's end it counts once.
+        if self.world.is_main:
+            self.loss_sum = state["loss_sum"].to(self.device)
+            self.seen = state["seen"]
+        if self.world.rank < len(state["rng"]):
+            mine = state["rng"][self.world.rank]
+            torch.set_rng_state(mine["torch"])
+            if mine["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        if state["world_size"] != self.world.size:
+            warn(f"note: resuming a {state['world_size']}-process run with {self.world.size}: same batches "
+                 "and data order, but dropout draws differ from an uninterrupted run")
+        if self.world.is_main:
+            # metrics.jsonl may hold epochs written after this state was saved: drop them.
+            metrics = self.run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            ckpt.atomic_write_text(metrics, "".join(line + "\n" for line in lines[:self.epoch]))
+            if self.changed:
+                from .config import load_config
+
+                save_config(load_config(self.run_dir / "config.yaml", self.changed), self.run_dir / "config.yaml")
+        changes = "".join(f", {k} now {v}" for k, v in self.changed.items())
+        log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}"
+            f" ({self.position}/{self.steps_per_epoch} of the epoch){changes}")
 
     def install_signal_handlers(self):
         def handler(signum, frame):
@@ -387,28 +538,73 @@ def restore_signal_handlers(handlers) -> None:
         signal.signal(sig, old)
 
 
+# Every key a resume reads; a state.pt without one is refused with a one-line error.
+STATE_KEYS = ("model", "optimizer", "ema", "step", "epoch", "position", "total_steps", "epochs", "best_acc",
+              "elapsed", "nan_skips", "loss_sum", "seen", "world_size", "rng")
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's global RNG (dropout draws from it; augmentation has its own generator)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def nan_injection_steps() -> set[int]:
+    """Test hook: VISIONRECIPE_INJECT_NAN_AT_STEP=12 (or 12,15) makes the loss of those steps
+    (1-based) NaN, so the NaN handling can be tested on a healthy run. Read once, here."""
+    value = os.environ.get("VISIONRECIPE_INJECT_NAN_AT_STEP", "")
+    try:
+        return {int(part) for part in value.split(",") if part.strip()}
+    except ValueError:
+        raise VisionRecipeError(f"VISIONRECIPE_INJECT_NAN_AT_STEP={value!r}: expected step numbers, e.g. 12,15") from None
+
+
+def open_tensorboard(run_dir: Path):
+    """A SummaryWriter on <run_dir>/tensorboard; a one-line error when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise VisionRecipeError("--tensorboard needs the tensorboard package: "
+                                "pip install 'visionrecipe[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     """The shuffled order of an epoch, a pure function of (seed, epoch): resume needs no RNG state."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7 * epoch + 1)
     return torch.randperm(n, generator=g).to(device)
 
 
+def small_data_batch(batch_size: int, n_train: int, processes: int = 1) -> int:
+    """The recipe's batch, shrunk for small data so an epoch has at least 16 steps (a power of two,
+    at least 32 and a multiple of the process count): 1,293 digits at batch 512 would give the
+    whole run 20 steps."""
+    while batch_size > 32 and n_train // batch_size < 16:
+        batch_size //= 2
+    return max(processes, batch_size - batch_size % processes)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, head_path: str, batch_size: int) -> torch.optim.Optimizer:
     """Param groups: backbone (lr × backbone_lr_mult) and head; no weight decay on biases and norms."""
     lr = cfg.optim.lr * (batch_size / 1024 if LR_PER_1024[cfg.optim.recipe] else 1.0)
     head_prefix = head_path + "."
-    groups: dict[tuple[bool, bool], list] = {}
+    norm_biases = {id(m.bias) for m in model.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.bias is not None}
+    groups: dict[tuple[bool, str], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad and not name.startswith(head_prefix) and not cfg.model.freeze_backbone:
             continue  # frozen by the model itself (fastnet's whitening layer)
         is_head = name.startswith(head_prefix)
-        decay = param.ndim > 1
-        groups.setdefault((is_head, decay), []).append(param)
+        kind = "norm_bias" if id(param) in norm_biases else ("decay" if param.ndim > 1 else "no_decay")
+        groups.setdefault((is_head, kind), []).append(param)
     param_groups = []
-    for (is_head, decay), params in sorted(groups.items()):
+    for (is_head, kind), params in sorted(groups.items()):
         mult = 1.0 if is_head else cfg.model.backbone_lr_mult
-        param_groups.append({"params": params, "lr": lr * mult, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
-                             "is_head": is_head})
+        if kind == "norm_bias":
+            mult *= cfg.optim.bias_lr_mult
+        param_groups.append({"params": params, "lr": lr * mult, "is_head": is_head,
+                             "weight_decay": cfg.optim.weight_decay / (cfg.optim.bias_lr_mult if kind == "norm_bias" else 1.0)
+                             if kind != "no_decay" else 0.0})
     name = cfg.optim.optimizer
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, momentum=cfg.optim.momentum, nesterov=bool(cfg.optim.nesterov),

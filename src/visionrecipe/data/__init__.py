@@ -47,8 +47,8 @@ def describe_spec() -> str:
         "digits (sklearn 8x8 digits), cifar10 or cifar100 (downloaded into --data-dir), "
         "an extracted cifar-10-batches-py / cifar-100-python folder, or a folder of class "
         f"subfolders of images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}), optionally "
-        "split into train/ and test/ (and val/) subfolders; write ./digits for a folder "
-        "named like a dataset"
+        "split into train/ and test/ (and val/) subfolders, or a .csv manifest of path,labels rows "
+        "(labels ;-separated, for --task multilabel); write ./digits for a folder named like a dataset"
     )
 
 
@@ -79,6 +79,11 @@ def load_dataset(
     path = Path(spec).expanduser()
     if path.is_dir() and cifar_kind(path) is not None:
         return _load_tensors(spec, path, image_size, options)
+    if path.suffix.lower() == ".csv" and not path.is_dir():
+        from visionrecipe.data.manifest import load_manifest  # multilabel: path,label1;label2 rows
+
+        return load_manifest(spec, path, data_dir=data_dir, image_size=image_size, strict=strict,
+                             progress=progress, workers=workers, **options)
     if path.exists() or _looks_like_path(spec):
         return load_folder(
             spec, path, data_dir=data_dir, image_size=image_size, strict=strict,

@@ -135,8 +135,13 @@ def _decode_or_load(root: Path, listing: _Listing, data_dir: Path, image_size, p
     return images, kept, skipped, seconds, False
 
 
-def load_folder(spec, root: Path, *, data_dir: Path, image_size, val_fraction, seed, strict, progress, workers) -> Dataset:
-    """Read (or fetch from cache) a folder dataset and divide it into splits."""
+def load_folder(
+    spec: str, root: Path, *, data_dir: Path, image_size, val_fraction, seed, strict, progress, workers
+) -> Dataset:
+    """Read (or fetch from cache) a folder dataset and divide it into splits.
+
+    The keyword arguments are load_dataset's, already validated, passed straight through.
+    """
     if not root.exists():
         raise VisionRecipeError(f"no such folder: {root.absolute()}")
     if not root.is_dir():

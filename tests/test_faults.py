@@ -1,0 +1,240 @@
+"""Faults: kills, signals, NaN losses, bad output directories, damaged checkpoints, bad images.
+
+The reference for resume is an uninterrupted run: a run killed with SIGKILL mid-epoch and
+resumed must end with the same weights and metrics, bit for bit (CPU, --deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from visionrecipe import train
+from visionrecipe.cli import main
+from visionrecipe.errors import VisionRecipeError
+from visionrecipe.trainer import Trainer, TrainingInterrupted
+
+from conftest import run_cli
+
+TIMING = ("img_per_s", "elapsed_s")  # the only fields allowed to differ between two runs
+
+
+def digits_args(out: Path, *extra) -> list[str]:
+    """A small deterministic digits run: 40 steps per epoch, so a kill lands mid-epoch easily."""
+    return ["train", "--data", "digits", "--model", "seedcnn", "--batch-size", "32", "--deterministic",
+            "--no-progress", "--no-report", "--out", str(out), *map(str, extra)]
+
+
+def cli(capsys, *args) -> tuple[int, list[str]]:
+    """The CLI in this process (no interpreter start-up): exit status and stderr lines."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def start_cli(*args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "visionrecipe", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def read_state(path: Path) -> dict | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None
+
+
+def metrics_without_timing(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), f"{a.name}: {key} differs"
+
+
+# ------------------------------------------------------------------------------------ resume
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    # --checkpoint-every takes fractions of a minute: 0.0005 min = 30 ms, about every step.
+    victim = start_cli(*digits_args(killed, "--epochs", 3, "--checkpoint-every", 0.0005))
+    state_path, seen_mtime, position = killed / "state.pt", 0, None
+    deadline = time.monotonic() + 120
+    while victim.poll() is None and time.monotonic() < deadline:
+        mtime = state_path.stat().st_mtime_ns if state_path.exists() else 0
+        if mtime != seen_mtime:
+            seen_mtime, state = mtime, read_state(state_path)
+            if state and state["epoch"] >= 1 and 0 < state["position"] < 40:
+                victim.send_signal(signal.SIGKILL)
+                position = (state["epoch"], state["position"])
+                break
+        time.sleep(0.005)
+    victim.communicate(timeout=60)
+    assert position is not None, "the run ended before a mid-epoch checkpoint after epoch 1 was seen"
+    assert victim.returncode == -signal.SIGKILL
+    assert main(digits_args(reference, "--epochs", 3)) == 0  # uninterrupted, same settings
+
+    state = read_state(state_path)
+    assert (state["epoch"], state["position"]) >= position and state["position"] > 0  # mid-epoch
+    assert len(metrics_without_timing(killed)) == state["epoch"]
+    proc = run_cli("train", "--resume", killed, "--checkpoint-every", 60)  # how often: may change
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout and f"epoch {state['epoch'] + 1}" in proc.stdout
+
+    assert metrics_without_timing(killed) == metrics_without_timing(reference)
+    for name in ("model.safetensors", "last.safetensors"):
+        assert_same_tensors(killed / name, reference / name)
+    ref_eval, resumed_eval = (json.loads((run / "eval.json").read_text()) for run in (reference, killed))
+    assert resumed_eval["confusion_matrix"] == ref_eval["confusion_matrix"]
+    assert resumed_eval["loss"] == ref_eval["loss"]
+    assert not list(killed.glob(".*.tmp"))  # a write cut short by the kill is cleaned up
+
+
+def test_changing_epochs_on_resume_is_refused(digits_run, capsys):
+    assert cli(capsys, "train", "--resume", digits_run, "--epochs", 9) == (2, [
+        "error: cannot change epochs on resume (the run was planned with 6); "
+        "start a new run, or use --weights to fine-tune from it"])
+
+
+def test_sigterm_finishes_step_saves_and_prints_resume_command(tmp_path):
+    out = tmp_path / "run"
+    proc = start_cli(*digits_args(out, "--epochs", 200))
+    for line in proc.stdout:  # handlers are in place once training prints its first epoch
+        if line.startswith("Epoch 1/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted; resume with: visionrecipe train --resume {out}"
+    state = read_state(out / "state.pt")
+    assert state["epoch"] >= 1 and state["step"] == 40 * state["epoch"] + state["position"]
+    assert state["position"] > 0  # saved at the interrupted step, not only at the last epoch end
+
+
+def test_sigint_in_process_saves_state_and_raises_with_exit_code_130(tmp_path):
+    from visionrecipe.config import Config
+
+    cfg = Config.from_dict({"data": "digits", "model": "seedcnn", "epochs": 50, "batch_size": 32,
+                            "out": str(tmp_path / "run"), "progress": False, "report": False})
+    trainer = Trainer(cfg, on_epoch=lambda record: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(TrainingInterrupted) as caught:
+        trainer.fit()
+    assert caught.value.exit_code == 130 and "--resume" in str(caught.value)
+    state = read_state(tmp_path / "run" / "state.pt")
+    assert (state["epoch"], state["position"], state["step"]) == (1, 1, 41)  # the step after the signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+# --------------------------------------------------------------------------------------- NaN
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("VISIONRECIPE_INJECT_NAN_AT_STEP", "50")
+    assert cli(capsys, *digits_args(out, "--epochs", 3)) == (1, [
+        f"error: loss became nan at step 50 (epoch 2); the last good checkpoint is kept in {out}; "
+        "try a lower --lr, --grad-clip, or --on-nan skip"])
+    monkeypatch.delenv("VISIONRECIPE_INJECT_NAN_AT_STEP")
+    state = read_state(out / "state.pt")
+    assert (state["epoch"], state["step"], state["position"]) == (1, 40, 0)
+    assert len(metrics_without_timing(out)) == 1
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    from visionrecipe.evaluate import evaluate_run
+
+    assert evaluate_run(out, write=False)["num_images"] == 359  # the kept checkpoint is usable
+
+
+def test_on_nan_skip_counts_skipped_batches(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONRECIPE_INJECT_NAN_AT_STEP", "3,5")
+    run = train(data="digits", model="seedcnn", epochs=1, batch_size=32, on_nan="skip", grad_clip=1.0,
+                out=str(tmp_path / "run"), progress=False, report=False)
+    assert [m.get("nan_skips") for m in run.metrics] == [2]
+    assert all(np.isfinite(m["train_loss"]) for m in run.metrics)
+    assert run.evaluate()["accuracy"] > 0.5
+
+
+# ---------------------------------------------------------------------------- output directory
+def test_unwritable_output_directory_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # root may write anywhere, but not under a regular file
+    proc = run_cli(*digits_args(blocker / "run", "--epochs", 1))  # a real process: the user's view
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: output directory {blocker / 'run'} is not writable (Not a directory)"]
+    assert "Epoch" not in proc.stdout and "training" not in proc.stdout
+
+
+def test_too_little_disk_room_fails_before_training(tmp_path, monkeypatch):
+    full = shutil._ntuple_diskusage(total=10 * 2**30, used=10 * 2**30 - 2**20, free=2**20)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    with pytest.raises(VisionRecipeError, match="MiB free .* too little room for checkpoints"):
+        train(data="digits", model="seedcnn", epochs=1, out=str(tmp_path / "run"), progress=False, report=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_existing_run_is_not_overwritten(digits_run, capsys):
+    before = (digits_run / "model.safetensors").stat().st_mtime_ns
+    code, err = cli(capsys, *digits_args(digits_run, "--epochs", 1))
+    assert code == 2 and len(err) == 1 and "already exists; pass --overwrite" in err[0]
+    assert (digits_run / "model.safetensors").stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def test_corrupt_state_on_resume_is_one_line_error(digits_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    (run / "state.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    assert cli(capsys, "train", "--resume", run) == (2, [
+        f"error: {run / 'state.pt'} is not a readable visionrecipe checkpoint (RuntimeError)"])
+    torch.save({"format": "visionrecipe", "model": {}}, run / "state.pt")  # readable, but not a resume state
+    code, err = cli(capsys, "train", "--resume", run)
+    assert code == 2 and err[0].startswith(f"error: {run / 'state.pt'} is an incomplete or older visionrecipe")
+
+
+def test_weights_of_another_architecture_are_one_line_error(digits_run, tmp_path, capsys):
+    from visionrecipe.models import create_model
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    other = create_model("fastnet", 10, in_channels=1, image_size=8)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(run / "model.safetensors"))
+    code, err = cli(capsys, "evaluate", run)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {run / 'model.safetensors'} does not match the architecture (missing: ")
+
+
+# ---------------------------------------------------------------------------------------- data
+def test_train_on_folder_with_bad_files_finishes_and_names_them(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path / "images"
+    for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
+        path = root / str(label) / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 16).clip(0, 255).astype(np.uint8)).resize((16, 16)).convert("RGB").save(path)
+    bad = {"empty.png": b"", "notes.jpg": b"this is text, not a JPEG",
+           "truncated.png": (root / "1" / f"{list(digits.target[:300]).index(1)}.png").read_bytes()[:60]}
+    for name, data in bad.items():
+        (root / "3" / name).write_bytes(data)
+    proc = run_cli("train", "--data", root, "--model", "seedcnn", "--epochs", 1, "--no-progress", "--no-report",
+                   "--out", tmp_path / "run", "--data-dir", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 3 unreadable image(s)" in proc.stderr
+    for name in bad:
+        assert name in proc.stderr
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["num_images"] > 0

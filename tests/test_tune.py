@@ -1,0 +1,183 @@
+"""tune and auto on digits: tiny search spaces, seedcnn, one or two epochs per trial.
+
+The study is read back through Optuna (or SQLite directly while a tune is running) and compared
+with what tune printed and wrote: trial counts and states, best.yaml against `train --config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+optuna = pytest.importorskip("optuna")
+
+SPACE = {
+    "include_defaults": False,
+    "model": "seedcnn",
+    "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+    "batch_size": {"type": "categorical", "choices": [64, 128]},
+    "epochs": {"type": "int", "low": 1, "high": 2},
+}
+
+
+@pytest.fixture
+def space(tmp_path):
+    def write(**changes):
+        path = tmp_path / f"space{len(list(tmp_path.glob('space*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump({**SPACE, **changes}))
+        return path
+    return write
+
+
+def trials_of(out):
+    study = optuna.load_study(study_name="visionrecipe", storage=f"sqlite:///{out}/study.db")
+    return study.trials
+
+
+def states(trials):
+    return [t.state.name for t in trials]
+
+
+def test_six_trials_and_best_yaml_reproduces_the_best_trial(tmp_path, space):
+    out = tmp_path / "tune"
+    result = run_cli("tune", "--data", "digits", "--space", space(), "--trials", 6, "--pruner", "halving", "--out", out)
+    assert result.returncode == 0, result.stderr
+    trials = trials_of(out)
+    assert len(trials) == 6 and set(states(trials)) <= {"COMPLETE", "PRUNED"}
+    assert "[6/6]" in result.stdout and "rank" in result.stdout
+    html = (out / "tune_report.html").read_text()
+    assert "data:image/png;base64," in html and "Parallel coordinates" in html
+    # Trials never look at the test split: no test evaluation in any trial directory.
+    assert not list((out / "trials").glob("*/eval.json"))
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"{i:04d}" for i in range(6)]
+
+    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    config = yaml.safe_load((out / "best.yaml").read_text())
+    assert config["lr"] == best.params["lr"] and config["val_fraction"] > 0
+    run = tmp_path / "again"
+    result = run_cli("train", "--config", out / "best.yaml", "--out", run, "--no-report", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["val_acc"] for r in records) == pytest.approx(best.value, abs=1e-6)
+
+
+def poll(db, condition, proc, timeout=300):
+    """Read the study's SQLite file while tune writes it, until `condition(rows)` holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "tune ended before it could be killed"
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=30) as con:
+                    rows = con.execute("SELECT t.number, t.state, "
+                                       "EXISTS(SELECT 1 FROM trial_user_attributes a WHERE a.trial_id = t.trial_id "
+                                       "AND a.key = 'worker') FROM trials t").fetchall()
+                if condition(rows):
+                    return rows
+            except sqlite3.OperationalError:  # tables not created yet
+                pass
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the study")
+
+
+def test_killed_tune_continues_with_finished_trials_kept(tmp_path, space):
+    out = tmp_path / "tune"
+    args = ["tune", "--data", "digits", "--space", space(epochs=1), "--trials", 3, "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "visionrecipe", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        rows = poll(out / "study.db", lambda rows: sum(s == "COMPLETE" for _, s, _ in rows) >= 2
+                    and any(s == "RUNNING" and has_worker for _, s, has_worker in rows), proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed = next(number for number, state, _ in rows if state == "RUNNING")
+    before = {t.number: t.value for t in trials_of(out) if t.state.name == "COMPLETE"}
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"trial {killed}: its worker is gone; marked failed" in result.stdout
+    trials = {t.number: t for t in trials_of(out)}
+    assert trials[killed].state.name == "FAIL"
+    assert all(trials[n].value == value for n, value in before.items())  # kept, not rerun
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials.values()) == 3
+    assert "RUNNING" not in states(trials.values())
+
+
+def test_two_workers_share_one_study(tmp_path, space):
+    out = tmp_path / "tune"
+    result = run_cli("tune", "--data", "digits", "--space", space(epochs=1), "--trials", 4, "--workers", 2,
+                     "--out", out)
+    assert result.returncode == 0, result.stderr
+    trials = trials_of(out)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 4
+    assert "RUNNING" not in states(trials)
+    assert len(list((out / "trials").iterdir())) == sum(not t.user_attrs.get("surplus") for t in trials)
+
+
+def test_auto_runs_every_stage_and_sums_up_the_time(tmp_path, space):
+    out = tmp_path / "auto"
+    result = run_cli("auto", "--data", "digits", "--time-budget", 40, "--out", out, "--space", space(epochs=1))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for stage in ("doctor", "tune", "train", "evaluate", "export", "report"):
+        assert any(line.startswith(stage + ":") for line in lines), stage
+    assert lines[-1].startswith("auto: test accuracy")
+    summary = json.loads((out / "auto.json").read_text())
+    assert list(summary["stages"]) == ["startup", "doctor", "tune", "train", "evaluate", "export", "report"]
+    assert summary["seconds"] >= sum(summary["stages"].values()) - 1
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert (out / "final" / "eval.json").is_file() and (out / "tune" / "best.yaml").is_file()
+
+
+# --- the search space, without training ---------------------------------------------------------
+def test_space_file_errors_name_the_setting(tmp_path):
+    from visionrecipe.errors import VisionRecipeError
+    from visionrecipe.tune_space import default_space, load_space
+
+    base = default_space(image_size=8, recipe="standard", max_epochs=6)
+    for entry, message in [({"lrr": {"type": "float", "low": 1, "high": 2}}, "unknown setting 'lrr'"),
+                           ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, "need low < high"),
+                           ({"lr": {"type": "gaussian"}}, "type must be one of"),
+                           ({"model": {"choices": ["seedcnn", "nosuchnet"]}}, "unknown model 'nosuchnet'")]:
+        path = tmp_path / "space.yaml"
+        path.write_text(yaml.safe_dump(entry))
+        with pytest.raises(VisionRecipeError, match=message):
+            load_space(path, base)
+    path.write_text(yaml.safe_dump({"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+                                    "weight_decay": None, "epochs": 3}))
+    space = load_space(path, base)
+    assert space["lr"].low == 0.01 and "weight_decay" not in space and space["epochs"] == 3
+    assert "model" in space  # include_defaults: the other defaults stay
+
+
+def test_width_and_depth_are_sampled_only_for_models_that_have_them():
+    from visionrecipe.tune_space import default_space, suggest
+
+    space = default_space(image_size=8, recipe="standard", max_epochs=4)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        settings = suggest(study.ask(), space, base_model="seedcnn")
+        has_options = "width" in settings or "depth" in settings
+        assert has_options == (settings["model"] == "fastnet")
+        seen.add(settings["model"])
+    assert "fastnet" in seen and len(seen) > 1
+
+
+def test_tune_refuses_to_score_on_test(tmp_path):
+    result = run_cli("tune", "--data", "digits", "--val-fraction", 0, "--out", tmp_path / "t")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "--val-fraction" in result.stderr
