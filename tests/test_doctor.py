@@ -232,7 +232,6 @@ def test_doctor_cli_rejects_bad_input_in_one_line(tmp_path, capsys):
     assert main(["doctor", "--model", "nonet"]) == 2 and "unknown model" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_doctor_passes_every_check_on_digits(tmp_path):
     proc = run_cli("doctor", "--data", "digits", "--out", tmp_path / "doc", "--data-dir", tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -62,7 +62,7 @@ def test_config_yaml_roundtrip_trains_same_settings(digits_run, tmp_path):
 
 
 def test_fast_recipe_default_on_digits(tmp_path):
-    run = train(data="digits", epochs=4, out=str(tmp_path / "fast"), progress=False, report=False,
+    run = train(data="digits", out=str(tmp_path / "fast"), progress=False, report=False,
                 data_dir=str(tmp_path / "cache"))
     # digits are not mirror-symmetric: the recipe turns flips (and with them flip-TTA) off
     assert run.meta["architecture"] == "fastnet" and run.meta["tta"] is False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import add_config_arguments, config_from_args
@@ -163,8 +164,10 @@ def _extensions():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .system import is_main_process
-    from .trainer import TrainingInterrupted, TrainingStopped
+    from .errors import TrainingInterrupted, TrainingStopped
+
+    def is_main_process() -> bool:  # not system's: that imports torch, which `predict x.onnx` avoids
+        return os.environ.get("RANK", "0") == "0"
 
     try:
         args = build_parser().parse_args(argv)

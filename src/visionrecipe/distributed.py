@@ -87,7 +87,7 @@ def check_before_launch(argv: list[str], nproc: int) -> list[str]:
     from .config import FIELDS, config_from_args, resolve_recipe
     from .models import get_spec
     from .run import prepare_run_dir
-    from .trainer import plan_resume
+    from .resume_state import plan_resume
 
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) != "train":

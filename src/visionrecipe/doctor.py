@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .augment import BatchAugment
 from .checkpoint import atomic_write_text
-from .config import Config, resolve_crop_padding, resolve_recipe
+from .config import Config, resolve_crop_padding, resolve_recipe, resolve_device_defaults
 from .data import Dataset, channel_stats, load_dataset
 from .doctor_checks import (Check, check_batch_independence, check_batch_statistics, check_capacity,
                             check_determinism, check_init_loss, check_input_dependence, check_lr_range,
@@ -37,7 +37,8 @@ from .doctor_data import class_samples, data_checks
 from .errors import VisionRecipeError
 from .models import create_model, get_spec
 from .system import select_device, set_threads
-from .trainer import build_optimizer, epoch_order
+from .optim import build_optimizer
+from .trainer import epoch_order
 
 # Budgets, sized so digits takes about a minute on two CPU cores.
 TRAIN_SUBSET = 1024  # images for the short trainings (baseline, capacity)
@@ -74,6 +75,7 @@ def prepare(cfg: Config, device: str = "auto", progress: bool = False) -> Setup:
     if cfg.model.task != "multiclass":
         raise VisionRecipeError("doctor checks single-label (multiclass) training; --task multilabel is not supported")
     device_t = select_device(device)
+    resolve_device_defaults(cfg, device_t.type)
     spec = get_spec(cfg.model.model)  # an unknown model fails before any data is decoded
     if cfg.model.weights and cfg.data.image_size is None:
         from .finetune import pretrained_image_size

@@ -30,31 +30,18 @@ import torch
 
 from . import checkpoint as ckpt
 from .augment import BatchAugment
-from .config import LR_PER_1024, Config, apply_overrides, resolve_crop_padding, resolve_recipe, save_config
+from .config import Config, apply_overrides, resolve_device_defaults, resolve_crop_padding, resolve_recipe, save_config
 from .data import channel_stats, load_dataset
-from .errors import VisionRecipeError
+from .errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
 from .distributed import sharded_logits
 from .evaluate import compute_metrics
 from .models import create_model, get_spec
 from .multilabel import check_task, compute_multilabel_metrics, init_prior_bias, task_loss
+from .optim import EMA, build_optimizer, small_data_batch
+from .resume_state import STATE_KEYS, load_state, plan_resume, save_state
 from .run import Run, ensure_room, prepare_run_dir
 from .schedule import lr_factor
 from .system import local_rank, log, select_device, set_threads, shutdown, warn, world
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM: state saved; `exit_code` is 130 or 143."""
-
-    def __init__(self, exit_code: int, run_dir: Path, processes: int = 1):
-        nproc = f" --nproc {processes}" if processes > 1 else ""
-        super().__init__(f"interrupted; resume with: visionrecipe train --resume {run_dir}{nproc}")
-        self.exit_code = exit_code
-
-
-class TrainingStopped(VisionRecipeError):
-    """Training cannot continue (a NaN loss); the last good checkpoint is kept."""
-
-    exit_code = 1
 
 
 def train(config: Config | None = None, *, on_epoch=None, evaluate_test: bool = True, **settings) -> Run:
@@ -66,43 +53,10 @@ def train(config: Config | None = None, *, on_epoch=None, evaluate_test: bool = 
     return Trainer(cfg, on_epoch=on_epoch, evaluate_test=evaluate_test).fit()
 
 
-# Settings a resume may change: how the run is watched and where it runs, plus the two remedies
-# a NaN stop suggests. Anything else (epochs, lr, batch size, ...) would silently make a
-# different run than the one planned, so it is refused.
-RESUME_SETTINGS = {"progress", "device", "threads", "report", "checkpoint_every", "tensorboard", "compile",
-                   "on_nan", "grad_clip"}
-
-
 def resume(run_dir: str | Path, **settings) -> Run:
     """Continue a run from its `state.pt` exactly where it stopped."""
     run_dir, cfg, changed = plan_resume(run_dir, settings)
     return Trainer(cfg, resume_dir=run_dir, changed=changed).fit()
-
-
-def plan_resume(run_dir: str | Path, settings: dict) -> tuple[Path, Config, dict]:
-    """(run dir, its config with the changes a resume may make, those changes); others are refused."""
-    from .config import coerce, load_config
-
-    run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "config.yaml").is_file():
-        raise VisionRecipeError(f"cannot resume {run_dir}: no config.yaml (not a run directory)")
-    cfg = load_config(run_dir / "config.yaml")
-    planned = cfg.flat()
-    changed = {}
-    for name, value in settings.items():
-        value = coerce(name, value) if name in planned else value  # CLI values arrive as strings
-        if name == "out" and value is not None and Path(value).expanduser() == run_dir:
-            continue
-        if value == planned.get(name):
-            continue
-        if name not in RESUME_SETTINGS:
-            raise VisionRecipeError(
-                f"cannot change {name} on resume (the run was planned with {planned.get(name)!r}); "
-                "start a new run, or use --weights to fine-tune from it")
-        changed[name] = value
-    apply_overrides(cfg, changed)
-    cfg.run.out = str(run_dir)  # the run may have been moved since it started
-    return run_dir, cfg, changed
 
 
 class Trainer:
@@ -120,6 +74,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.device = select_device(cfg.run.device, local_rank=local_rank())
+        resolve_device_defaults(cfg, self.device.type)
         self.world = world(self.device)
         set_threads(cfg.run.threads, self.device)
         if cfg.run.deterministic:
@@ -462,64 +417,11 @@ class Trainer:
                 write_report(self.run_dir, dataset=self.data)
         return run
 
-    # --- state for resume ------------------------------------------------------------------------
     def save_state(self) -> None:
-        """state.pt: all a resume needs to continue bit for bit, mid-epoch included. Every process
-        calls this (the epoch's partial loss and each process's RNG are gathered); rank 0 writes."""
-        partial = self.world.sum(torch.stack([self.loss_sum, torch.tensor(float(self.seen), device=self.device)]))
-        rng = self.world.gather(rng_state(self.device))
-        if not self.world.is_main:
-            return
-        state = {
-            "format": ckpt.FORMAT, "model": ckpt.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
-            "step": self.step, "epoch": self.epoch, "position": self.position, "total_steps": self.total_steps,
-            "epochs": self.cfg.optim.epochs, "best_acc": self.best_acc, "elapsed": self.elapsed,
-            "nan_skips": self.nan_skips, "loss_sum": partial[0].cpu(), "seen": int(partial[1]),
-            "world_size": self.world.size, "rng": rng,
-        }
-        ckpt.save_state(self.run_dir / "state.pt", state)
+        save_state(self)
 
     def load_state(self, state: dict) -> None:
-        """Continue from `state` (read in setup). The data order needs no state: it is a function
-        of (seed, epoch), and `position` says how many global batches of the epoch are done."""
-        source = str(self.run_dir / "state.pt")
-        ckpt.load_into(self.model, state["model"], source)
-        if (state["ema"] is None) != (self.ema is None):
-            raise VisionRecipeError(f"{source} does not match the run's config.yaml (ema)")
-        if self.ema is not None:
-            ckpt.load_into(self.ema.model, state["ema"], source)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise VisionRecipeError(f"{source} does not match the optimizer of config.yaml ({exc})") from None
-        for key in ("step", "epoch", "position", "total_steps", "best_acc", "elapsed", "nan_skips"):
-            setattr(self, key, state[key])
-        self.cfg.optim.epochs = state["epochs"]  # a --time-budget run re-plans its epochs
-        # The partial sum goes to rank 0 alone: summed over processes at the epoch's end it counts once.
-        if self.world.is_main:
-            self.loss_sum = state["loss_sum"].to(self.device)
-            self.seen = state["seen"]
-        if self.world.rank < len(state["rng"]):
-            mine = state["rng"][self.world.rank]
-            torch.set_rng_state(mine["torch"])
-            if mine["cuda"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(mine["cuda"], self.device)
-        if state["world_size"] != self.world.size:
-            warn(f"note: resuming a {state['world_size']}-process run with {self.world.size}: same batches "
-                 "and data order, but dropout draws differ from an uninterrupted run")
-        if self.world.is_main:
-            # metrics.jsonl may hold epochs written after this state was saved: drop them.
-            metrics = self.run_dir / "metrics.jsonl"
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            ckpt.atomic_write_text(metrics, "".join(line + "\n" for line in lines[:self.epoch]))
-            if self.changed:
-                from .config import load_config
-
-                save_config(load_config(self.run_dir / "config.yaml", self.changed), self.run_dir / "config.yaml")
-        changes = "".join(f", {k} now {v}" for k, v in self.changed.items())
-        log(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.step}/{self.total_steps}"
-            f" ({self.position}/{self.steps_per_epoch} of the epoch){changes}")
+        load_state(self, state)
 
     def install_signal_handlers(self):
         def handler(signum, frame):
@@ -536,17 +438,6 @@ class Trainer:
 def restore_signal_handlers(handlers) -> None:
     for sig, old in handlers.items():
         signal.signal(sig, old)
-
-
-# Every key a resume reads; a state.pt without one is refused with a one-line error.
-STATE_KEYS = ("model", "optimizer", "ema", "step", "epoch", "position", "total_steps", "epochs", "best_acc",
-              "elapsed", "nan_skips", "loss_sum", "seen", "world_size", "rng")
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's global RNG (dropout draws from it; augmentation has its own generator)."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def nan_injection_steps() -> set[int]:
@@ -573,70 +464,6 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     """The shuffled order of an epoch, a pure function of (seed, epoch): resume needs no RNG state."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7 * epoch + 1)
     return torch.randperm(n, generator=g).to(device)
-
-
-def small_data_batch(batch_size: int, n_train: int, processes: int = 1) -> int:
-    """The recipe's batch, shrunk for small data so an epoch has at least 16 steps (a power of two,
-    at least 32 and a multiple of the process count): 1,293 digits at batch 512 would give the
-    whole run 20 steps."""
-    while batch_size > 32 and n_train // batch_size < 16:
-        batch_size //= 2
-    return max(processes, batch_size - batch_size % processes)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, head_path: str, batch_size: int) -> torch.optim.Optimizer:
-    """Param groups: backbone (lr × backbone_lr_mult) and head; no weight decay on biases and norms."""
-    lr = cfg.optim.lr * (batch_size / 1024 if LR_PER_1024[cfg.optim.recipe] else 1.0)
-    head_prefix = head_path + "."
-    norm_biases = {id(m.bias) for m in model.modules()
-                   if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.bias is not None}
-    groups: dict[tuple[bool, str], list] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad and not name.startswith(head_prefix) and not cfg.model.freeze_backbone:
-            continue  # frozen by the model itself (fastnet's whitening layer)
-        is_head = name.startswith(head_prefix)
-        kind = "norm_bias" if id(param) in norm_biases else ("decay" if param.ndim > 1 else "no_decay")
-        groups.setdefault((is_head, kind), []).append(param)
-    param_groups = []
-    for (is_head, kind), params in sorted(groups.items()):
-        mult = 1.0 if is_head else cfg.model.backbone_lr_mult
-        if kind == "norm_bias":
-            mult *= cfg.optim.bias_lr_mult
-        param_groups.append({"params": params, "lr": lr * mult, "is_head": is_head,
-                             "weight_decay": cfg.optim.weight_decay / (cfg.optim.bias_lr_mult if kind == "norm_bias" else 1.0)
-                             if kind != "no_decay" else 0.0})
-    name = cfg.optim.optimizer
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=cfg.optim.momentum, nesterov=bool(cfg.optim.nesterov),
-                               foreach=True)
-    # foreach: one kernel per op over all tensors; PyTorch's CPU default is a Python loop per tensor
-    if name == "adam":
-        return torch.optim.Adam(param_groups, lr=lr, foreach=True)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, foreach=True)
-    return torch.optim.Adagrad(param_groups, lr=lr, foreach=True)
-
-
-class EMA:
-    """Exponential moving average of weights (and a copy of BatchNorm buffers), used for evaluation."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        import copy
-
-        self.model = copy.deepcopy(ckpt.unwrap(model)).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        # Warm-up so early averages are not dominated by the random init.
-        decay = min(self.decay, (1 + step) / (10 + step))
-        source = ckpt.unwrap(model)
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in source.parameters()], 1 - decay)
-        for ema_buffer, buffer in zip(self.model.buffers(), source.buffers()):
-            ema_buffer.copy_(buffer)
 
 
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):

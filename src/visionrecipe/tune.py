@@ -228,7 +228,7 @@ def worker_main(job: dict, index: int) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
-        from .trainer import TrainingInterrupted
+        from .errors import TrainingInterrupted
 
         if isinstance(exc, TrainingInterrupted):
             sys.exit(exc.exit_code)

@@ -98,7 +98,7 @@ def interruptible(job, hint: str) -> int:
     """Ctrl-C: the trainer saved its state and optuna failed the trial; say how to go on."""
     import sys
 
-    from .trainer import TrainingInterrupted
+    from .errors import TrainingInterrupted
 
     try:
         result = job()
