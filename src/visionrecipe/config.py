@@ -200,16 +200,22 @@ def apply_overrides(cfg: Config, values: dict) -> Config:
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
+    """A user's YAML file that must hold a mapping; each way it can be wrong is one line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise VisionRecipeError(f"config file not found: {path}")
+        raise VisionRecipeError(f"{what} not found: {path}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise VisionRecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
-        raise VisionRecipeError(f"{path} must hold a mapping of settings")
+        raise VisionRecipeError(f"{path} must {expected}")
+    return values
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    values = read_yaml_mapping(path, "config file", "hold a mapping of settings")
     cfg = Config.from_dict(values)
     return apply_overrides(cfg, overrides or {})
 

@@ -147,7 +147,25 @@ def probabilities_from_logits(logits: np.ndarray, task: str | None) -> np.ndarra
 
 # ---------------------------------------------------------------- the model
 
-class OnnxClassifier:
+class ClassifierMeta:
+    """What both runtimes read from a model's metadata (model.json or the ONNX metadata)."""
+
+    meta: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def input_size(self) -> list[int]:
+        return self.meta["input_size"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["architecture"]
+
+
+class OnnxClassifier(ClassifierMeta):
     """An exported model and its metadata; the same interface as predict.TorchClassifier."""
 
     backend = "onnxruntime"
@@ -171,18 +189,6 @@ class OnnxClassifier:
             raise VisionRecipeError(f"{self.path} is not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         self.meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.input_name = self.session.get_inputs()[0].name
-
-    @property
-    def classes(self) -> list[str]:
-        return self.meta["classes"]
-
-    @property
-    def input_size(self) -> list[int]:
-        return self.meta["input_size"]
-
-    @property
-    def name(self) -> str:
-        return self.meta["architecture"]
 
     def decode(self, source) -> np.ndarray:
         channels, size = self.input_size[0], self.input_size[1]

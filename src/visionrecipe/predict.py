@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VisionRecipeError
-from .onnx_runtime import OnnxClassifier, probabilities_from_logits
+from .onnx_runtime import ClassifierMeta, OnnxClassifier, probabilities_from_logits
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
 FORMATS = ("text", "json", "csv")
@@ -55,7 +55,7 @@ def expand_inputs(inputs) -> list[str]:
     return files
 
 
-class TorchClassifier:
+class TorchClassifier(ClassifierMeta):
     """A run directory's best model in PyTorch, preprocessing exactly as `evaluate` does."""
 
     backend = "pytorch"
@@ -68,18 +68,6 @@ class TorchClassifier:
         self.model, self.meta = load_model(path)
         self.device = select_device(device)
         self.model.to(self.device)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.meta["classes"]
-
-    @property
-    def input_size(self) -> list[int]:
-        return self.meta["input_size"]
-
-    @property
-    def name(self) -> str:
-        return self.meta["architecture"]
 
     def decode(self, source) -> np.ndarray:
         from .data import read_image

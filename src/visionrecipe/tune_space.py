@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .config import FIELDS, coerce
+from .config import FIELDS, coerce, read_yaml_mapping
 from .errors import VisionRecipeError
 
 TYPES = ("float", "int", "categorical")
@@ -120,15 +119,8 @@ def parse_entry(name: str, spec: Any, where: str) -> Any:
 
 def load_space(path: str | Path, base: dict[str, Any]) -> dict[str, Any]:
     """Read a space file and apply it to `base` (see the module docstring for the format)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise VisionRecipeError(f"search space file not found: {path}")
-    try:
-        entries = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise VisionRecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(entries, dict):
-        raise VisionRecipeError(f"{path} must map settings to ranges, e.g. `lr: {{type: float, low: 1e-4, high: 0.1}}`")
+    entries = read_yaml_mapping(path, "search space file",
+                                "map settings to ranges, e.g. `lr: {type: float, low: 1e-4, high: 0.1}`")
     include = entries.pop("include_defaults", True)
     space = dict(base) if include else {}
     for name, spec in entries.items():
