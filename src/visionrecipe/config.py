@@ -89,7 +89,7 @@ class RunConfig:
     overwrite: bool = opt(False, "replace an existing run directory")
     seed: int = opt(0, "random seed", minimum=0)
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
-    compile: str = opt("off", "torch.compile the model", choices=("auto", "on", "off"))
+    compile: str = opt("auto", "torch.compile the model (auto: on CUDA only, where it pays)", choices=("auto", "on", "off"))
     channels_last: bool = opt(True, "channels_last memory format for conv nets")
     deterministic: bool = opt(False, "deterministic algorithms (exact resume and repeat on CPU)")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: physical cores)", positive=True)

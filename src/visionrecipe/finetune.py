@@ -9,7 +9,7 @@
 downloaded once into torch hub's cache as torchvision does; their mean/std and input size come
 along), a run directory (same or related architecture; its mean/std and input size come along),
 a ``.safetensors`` file, or a state dict (``.pth``/``.pt``/``.bin``/``.ckpt``) read with
-``torch.load(weights_only=True)``. docs/finetune.md has the user's view.
+``torch.load(weights_only=True)``. The README section "Fine-tuning" has the user's view.
 
 What counts as a fit: every backbone tensor of the model must be in the weights with its shape,
 after undoing ``state_dict`` nesting and ``module.``/``model.``/``_orig_mod.`` prefixes. Two

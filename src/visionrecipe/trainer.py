@@ -10,7 +10,7 @@ augments it on the device, runs forward/backward under bf16 autocast on CUDA, an
 optimizer with the learning rate of the schedule at that step. Each epoch ends with validation,
 `metrics.jsonl`, the best and last models, and `state.pt` for an exact resume.
 
-    run = resume("runs/x")      # bit for bit where it stopped, mid-epoch included (docs/scale.md)
+    run = resume("runs/x")      # bit for bit where it stopped, mid-epoch included (README: Survive faults)
 
 SIGINT/SIGTERM finish the step, save and raise TrainingInterrupted (exit 130/143); a NaN loss
 raises TrainingStopped (or skips the batch with --on-nan skip). Under torchrun each process trains

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                    help="number of finished (complete or pruned) trials the study should hold (default 20)")
     p.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
                    help="stop weak trials early on their per-epoch val_acc (default median)")
-    p.add_argument("--space", help="YAML search space: setting -> {type, low, high, log, choices} (docs/tune.md)")
+    p.add_argument("--space", help="YAML search space: setting -> {type, low, high, log, choices} (README: Search and automate)")
     p.add_argument("--storage", help="Optuna storage: an RDB URL (postgresql://, mysql://, sqlite:///) or a "
                                      "FILE.journal (default: sqlite out/study.db)")
     p.add_argument("--study", default="visionrecipe", help="study name inside the storage (default visionrecipe)")
