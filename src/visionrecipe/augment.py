@@ -3,6 +3,7 @@
     batch = BatchAugment(mean, std, crop_padding=2, flip=True, alternate_flip=True, n_train=N, seed=0)
     x = batch(images_uint8[idx], idx, epoch, generator)     # float, normalised, augmented
     x = batch.normalise(images_uint8)                       # evaluation: normalise only
+    order = epoch_order(n, seed, epoch, device)             # the shuffled order of an epoch
 
 Alternating flip (from the CIFAR-10 speed records): each image gets a random flip in epoch 0 and
 the opposite of it in every odd epoch, so two consecutive epochs see both views exactly once
@@ -64,3 +65,9 @@ class BatchAugment:
         if self.flip:
             x = flip_where(x, self.flip_mask(index, epoch, generator))
         return x
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The shuffled order of an epoch, a pure function of (seed, epoch): resume needs no RNG state."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7 * epoch + 1)
+    return torch.randperm(n, generator=g).to(device)

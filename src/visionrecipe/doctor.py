@@ -38,7 +38,7 @@ from .errors import VisionRecipeError
 from .models import create_model, get_spec
 from .system import select_device, set_threads
 from .optim import build_optimizer
-from .trainer import epoch_order
+from .augment import epoch_order
 
 # Budgets, sized so digits takes about a minute on two CPU cores.
 TRAIN_SUBSET = 1024  # images for the short trainings (baseline, capacity)

@@ -21,7 +21,6 @@ skip, save) are agreed by all at each step, and only rank 0 writes.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -29,13 +28,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .augment import BatchAugment
+from .augment import BatchAugment, epoch_order
 from .config import Config, apply_overrides, resolve_device_defaults, resolve_crop_padding, resolve_recipe, save_config
 from .data import channel_stats, load_dataset
 from .errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
 from .distributed import sharded_logits
 from .evaluate import compute_metrics
 from .models import create_model, get_spec
+from .monitor import nan_injection_steps, open_tensorboard, progress_bar
 from .multilabel import check_task, compute_multilabel_metrics, init_prior_bias, task_loss
 from .optim import EMA, build_optimizer, small_data_batch
 from .resume_state import STATE_KEYS, load_state, plan_resume, save_state
@@ -438,37 +438,3 @@ class Trainer:
 def restore_signal_handlers(handlers) -> None:
     for sig, old in handlers.items():
         signal.signal(sig, old)
-
-
-def nan_injection_steps() -> set[int]:
-    """Test hook: VISIONRECIPE_INJECT_NAN_AT_STEP=12 (or 12,15) makes the loss of those steps
-    (1-based) NaN, so the NaN handling can be tested on a healthy run. Read once, here."""
-    value = os.environ.get("VISIONRECIPE_INJECT_NAN_AT_STEP", "")
-    try:
-        return {int(part) for part in value.split(",") if part.strip()}
-    except ValueError:
-        raise VisionRecipeError(f"VISIONRECIPE_INJECT_NAN_AT_STEP={value!r}: expected step numbers, e.g. 12,15") from None
-
-
-def open_tensorboard(run_dir: Path):
-    """A SummaryWriter on <run_dir>/tensorboard; a one-line error when the package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise VisionRecipeError("--tensorboard needs the tensorboard package: "
-                                "pip install 'visionrecipe[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """The shuffled order of an epoch, a pure function of (seed, epoch): resume needs no RNG state."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 7 * epoch + 1)
-    return torch.randperm(n, generator=g).to(device)
-
-
-def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, unit="step", dynamic_ncols=True)
