@@ -90,6 +90,18 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
+def decode_pil(opened, image_size: int | None, channels: int) -> np.ndarray:
+    """The one PIL decode both runtimes use (the training decoder in data/decode.py too): a path or
+    file object to uint8 H×W or H×W×C. PIL's own exceptions propagate; callers word them."""
+    with Image.open(opened) as img:
+        img.load()  # decode now: truncated data raises here, not later
+        ImageOps.exif_transpose(img, in_place=True)
+        img = _to_mode(img, channels)
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(img)
+
+
 def read_image_array(source, *, image_size: int | None, channels: int = 3) -> np.ndarray:
     """Decode a path or bytes to uint8 C×H×W, as ``visionrecipe.data.read_image`` does."""
     if channels not in (1, 3):
@@ -98,13 +110,7 @@ def read_image_array(source, *, image_size: int | None, channels: int = 3) -> np
     name = "image bytes" if is_bytes else os.fspath(source)
     opened = io.BytesIO(bytes(source)) if is_bytes else source
     try:
-        with Image.open(opened) as img:
-            img.load()  # decode now: truncated data raises here, not later
-            ImageOps.exif_transpose(img, in_place=True)
-            img = _to_mode(img, channels)
-            if image_size is not None and img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(img)
+        array = decode_pil(opened, image_size, channels)
     except FileNotFoundError:
         raise VisionRecipeError(f"no such image file: {name}") from None
     except IsADirectoryError:

@@ -22,10 +22,11 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from visionrecipe.errors import VisionRecipeError
+from visionrecipe.onnx_runtime import decode_pil  # torch-free, shared with the ONNX path
 
 # Truncated files must fail loudly: with this True, PIL pads them with grey and a
 # half-downloaded JPEG would silently become training data.
@@ -34,24 +35,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 CHUNK_FILES = 500  # files per worker task: big enough to amortise IPC, small for the bar
 MIN_FILES_FOR_POOL = 1000  # below this, starting workers costs more than it saves
 MAX_WARNINGS = 10  # name at most this many skipped files, then summarise
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class _Unreadable(Exception):
     """A file PIL could not decode; the message is the one-line reason."""
-
-
-def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode → "RGB" (3 channels) or "L" (1 channel)."""
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # PIL's own convert clips 16-bit values at 255 (a near-white image); scale
-        # 0–65535 → 0–255 instead. round(v / 257) == (v + 128) // 257 for integers.
-        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        img = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
-    target = "RGB" if channels == 3 else "L"
-    # RGBA/LA/P drop alpha exactly like torchvision's pil_loader (convert("RGB")),
-    # so pixels agree with ImageFolder; CMYK/YCbCr/1 go through PIL's converters.
-    return img if img.mode == target else img.convert(target)
 
 
 def _decode_array(source, image_size: int | None, channels: int) -> np.ndarray:
@@ -59,13 +46,7 @@ def _decode_array(source, image_size: int | None, channels: int) -> np.ndarray:
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(bytes(source))
-        with Image.open(source) as img:
-            img.load()  # decode now: truncated data raises here, not later
-            ImageOps.exif_transpose(img, in_place=True)
-            img = _to_mode(img, channels)
-            if image_size is not None and img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(img)
+        array = decode_pil(source, image_size, channels)
     except FileNotFoundError:
         raise
     except UnidentifiedImageError as exc:
