@@ -23,7 +23,7 @@ same name and the other defaults stay; `false` searches only the file's entries.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,17 +178,18 @@ def space_to_dict(space: dict[str, Any]) -> dict[str, Any]:
     """JSON/YAML-friendly form (stored in the study so a continued tune searches the same space)."""
     out = {}
     for name, spec in space.items():
-        if isinstance(spec, Param):
-            entry = {k: v for k, v in asdict(spec).items() if v not in (None, False)}
-            if spec.choices is not None:
-                entry["choices"] = list(spec.choices)
-            out[name] = entry
-        else:
+        if not isinstance(spec, Param):
             out[name] = spec
+        elif spec.type == "categorical":
+            out[name] = {"type": "categorical", "choices": list(spec.choices)}
+        else:
+            # Every field, written out: a bound of 0 is a bound (0 == False once dropped it).
+            out[name] = {"type": spec.type, "low": spec.low, "high": spec.high, "log": spec.log}
     return out
 
 
 def space_from_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of space_to_dict: `space_from_dict(space_to_dict(space)) == space`."""
     return {name: parse_entry(name, spec, "stored search space") for name, spec in values.items()}
 
 
