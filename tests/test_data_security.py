@@ -1,0 +1,100 @@
+"""Hostile and changing data: crafted CIFAR pickles, symlink loops, escaping manifest paths, and data
+that changed under a run before --resume (issue 14, items 1, 7, 8 and 10)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visionrecipe.cli import main
+from visionrecipe.data import load_dataset
+
+from test_data import assert_one_line_error, load, make_classes, reference, write_cifar, write_image
+
+
+def cli(capsys, *args) -> tuple[int, list[str]]:
+    """The CLI in this process: exit status and stderr lines."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def train_args(data, out: Path, *extra) -> list:
+    return ["train", "--data", data, "--model", "seedcnn", "--batch-size", 4, "--no-progress", "--no-report",
+            "--device", "cpu", "--out", out, *extra]
+
+
+# ---------------------------------------------------------------------------- 1: CIFAR pickles
+
+
+class _RunsACommand:
+    """Unpickling this calls os.system: the payload of a crafted batches.meta."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_crafted_cifar_pickle_runs_nothing_and_is_one_line_error(tmp_path, capsys):
+    folder = tmp_path / "evil" / "cifar-10-batches-py"
+    write_cifar(folder, "cifar10")
+    marker = tmp_path / "pwned"
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": _RunsACommand(f"touch {shlex.quote(str(marker))}")}, f, protocol=2)
+
+    code, err = cli(capsys, *train_args(folder, tmp_path / "run", "--epochs", 1))
+    assert not marker.exists()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: refusing CIFAR file {folder / 'batches.meta'}: it would call ")
+    assert "system" in err[0]
+    # The data batches are checked the same way, not only the metadata file.
+    write_cifar(tmp_path / "ok", "cifar10")
+    os.replace(tmp_path / "ok" / "batches.meta", folder / "batches.meta")
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _RunsACommand(f"touch {shlex.quote(str(marker))}"), b"labels": []}, f)
+    assert_one_line_error("refusing CIFAR file .*data_batch_3", load_dataset, str(folder))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload, match", [
+    (42, "holds a int, expected a dict"),
+    ([b"cat", b"dog"], "holds a list, expected a dict"),
+    ({b"label_names": 7}, "'label_names' entry that is not a list of names"),
+    (b"cat", "holds a bytes, expected a dict"),
+])
+def test_cifar_meta_that_is_not_a_dict_of_names_is_one_line_error(tmp_path, payload, match):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, "cifar10")
+    (folder / "batches.meta").write_bytes(pickle.dumps(payload, protocol=2))
+    assert_one_line_error(match, load_dataset, str(folder))
+
+
+def test_cifar_batch_with_object_or_scalar_arrays_is_one_line_error(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, "cifar10")
+    rows = np.zeros((2, 3072), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": rows.astype(object), b"labels": [0, 1]}, f, protocol=2)
+    assert_one_line_error("'data' entry that is not an array of numbers", load_dataset, str(folder))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": 5}, f, protocol=2)
+    assert_one_line_error("has 2 images but 1 labels", load_dataset, str(folder))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_of_every_protocol_still_load(tmp_path, protocol):
+    """Python 2's files (protocol 2), and copies re-saved by Python 3 with newer protocols."""
+    folder = tmp_path / "cifar-10-batches-py"
+    written = write_cifar(folder, "cifar10")
+    for name, record in written.items():
+        record = {**record, b"filenames": [b"x.png"] * len(record[b"labels"]), b"batch_label": b"batch"}
+        (folder / name).write_bytes(pickle.dumps(record, protocol=protocol))
+    data = load_dataset(str(folder), val_fraction=0)
+    assert data.classes[:2] == ["class0", "class1"] and len(data.train) == 20
+    assert data.test.labels.tolist() == written["test_batch"][b"labels"]
