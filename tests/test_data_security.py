@@ -98,3 +98,63 @@ def test_cifar_pickles_of_every_protocol_still_load(tmp_path, protocol):
     data = load_dataset(str(folder), val_fraction=0)
     assert data.classes[:2] == ["class0", "class1"] and len(data.train) == 20
     assert data.test.labels.tolist() == written["test_batch"][b"labels"]
+
+
+# ---------------------------------------------------------------------------- 8: symlink loops
+
+
+def test_symlink_loop_lists_each_image_once_with_its_own_label(tmp_path):
+    root = tmp_path / "d"
+    make_classes(root, per_class=3, classes=["a", "b"], extras=False)
+    expected = reference(root)  # ImageFolder before the loop exists
+    (root / "a" / "loop").symlink_to("..")  # a/loop/b/... would be labelled a, a/loop/a/... counted twice
+    with pytest.warns(UserWarning, match="not following symlink .*loop"):
+        data = load(root, tmp_path, val_fraction=0)
+    paths = data.train.paths + data.test.paths
+    assert len(paths) == len(set(os.path.realpath(p) for p in paths)) == 6
+    labels = dict(zip(expected[3], expected[1].tolist()))
+    for split in (data.train, data.test):
+        assert [labels[os.path.realpath(p)] for p in split.paths] == split.labels.tolist()
+
+
+def test_two_symlink_loops_finish(tmp_path):
+    """With two links back to the root, os.walk branched twice per level: it never finished."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "d"
+    make_classes(root, per_class=3, classes=["a", "b"], extras=False)
+    (root / "a" / "up").symlink_to("..")
+    (root / "a" / "up2").symlink_to("..")
+    (root / "b" / "x").symlink_to("../a")  # and a cycle through a sibling: b/x/... → a, a/y → b
+    (root / "a" / "y").symlink_to("../b")
+    script = ("import sys, warnings; warnings.simplefilter('ignore'); from visionrecipe.data import load_dataset; "
+              "d = load_dataset(sys.argv[1], data_dir=sys.argv[2], val_fraction=0, progress=False); "
+              "print(len(d.train) + len(d.test))")
+    proc = subprocess.run([sys.executable, "-c", script, str(root), str(tmp_path / "cache")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # a lists a's 3 and b's 3 (through y, as ImageFolder would); b lists its own 3, then a's
+    # through x, but never a's link back to b again.
+    assert int(proc.stdout) == 12
+
+
+def test_symlinked_class_folder_outside_the_tree_still_works(tmp_path):
+    root, outside = tmp_path / "d", tmp_path / "elsewhere"
+    make_classes(root, per_class=3, classes=["a", "b"], extras=False)
+    make_classes(outside, per_class=4, classes=["c", "more"], seed=40, extras=False)
+    (root / "c").symlink_to(outside / "c")  # a whole class kept elsewhere
+    (root / "a" / "extra").symlink_to(outside / "more")  # and more images for a
+    classes, labels, _, paths = reference(root)
+    data = load(root, tmp_path, val_fraction=0)
+    assert data.classes == classes == ["a", "b", "c"]
+    got = sorted(zip((os.path.realpath(p) for p in data.train.paths + data.test.paths),
+                     data.train.labels.tolist() + data.test.labels.tolist()))
+    assert got == sorted(zip(paths, labels.tolist())) and len(got) == 14
+
+
+def test_class_folder_that_links_to_its_parent_is_one_line_error(tmp_path):
+    root = tmp_path / "d"
+    make_classes(root, per_class=3, classes=["a", "b"], extras=False)
+    (root / "z").symlink_to(".")
+    assert_one_line_error("class folder .*z is a link to .*which holds it", load, root, tmp_path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,51 @@ def _class_dirs(base: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(base) if entry.is_dir())
 
 
+def _walk(top: str):
+    """(dirpath, filenames) of top and every folder below it, like os.walk(top, followlinks=True),
+    but entering each folder once and never following a link back into an ancestor.
+
+        for dirpath, filenames in sorted(_walk("pets/cat")): ...
+
+    ImageFolder follows symlinks, so we do too (a class folder may link to images elsewhere); but
+    a link such as ``cat/loop -> ..`` made os.walk list the whole tree again under cat (wrong
+    labels, train images in test) and two such links never finished. Folders are told apart by
+    (st_dev, st_ino), which a link shares with its target.
+    """
+    seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) → the path it was listed under
+    pending = [top]
+    while pending:
+        dirpath = pending.pop()
+        try:
+            stat = os.stat(dirpath)
+            entries = sorted(os.scandir(dirpath), key=lambda entry: entry.name, reverse=True)
+        except OSError:  # unreadable or vanished: skipped, as os.walk does
+            continue
+        first = seen.setdefault((stat.st_dev, stat.st_ino), dirpath)
+        if first != dirpath:
+            warnings.warn(f"skipping {dirpath}: the same folder as {first}, already listed", stacklevel=2)
+            continue
+        filenames = []
+        for entry in entries:  # reversed, so the stack pops them in name order
+            try:
+                is_dir = entry.is_dir()  # follows links, as ImageFolder does
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                filenames.append(entry.name)
+            elif entry.is_symlink() and _is_ancestor(os.path.realpath(entry.path), os.path.realpath(dirpath)):
+                warnings.warn(f"not following symlink {entry.path}: it points back to {os.path.realpath(entry.path)}, "
+                              "which would list those images again", stacklevel=2)
+            else:
+                pending.append(entry.path)
+        yield dirpath, filenames
+
+
+def _is_ancestor(folder: str, path: str) -> bool:
+    """True when real path `folder` is `path` or one of the folders above it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _scan_part(root: Path, part_dir: Path, part: str, classes: list[str], listing: _Listing) -> None:
     """Add every image of part_dir/<class>/ (recursively, ImageFolder order) to listing."""
     index = {name: i for i, name in enumerate(classes)}
@@ -66,8 +112,11 @@ def _scan_part(root: Path, part_dir: Path, part: str, classes: list[str], listin
         if name not in index:
             raise VisionRecipeError(f"class folder {part_dir / name} is not among the training classes")
         class_dir = part_dir / name
+        target = os.path.realpath(class_dir)
+        if _is_ancestor(target, os.path.realpath(part_dir)):
+            raise VisionRecipeError(f"class folder {class_dir} is a link to {target}, which holds it: remove the link")
         found = 0
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        for dirpath, filenames in sorted(_walk(str(class_dir))):
             for filename in sorted(filenames):
                 if not filename.lower().endswith(IMAGE_EXTENSIONS):
                     continue
