@@ -39,8 +39,8 @@ def space(tmp_path):
     return write
 
 
-def trials_of(out):
-    study = optuna.load_study(study_name="visionrecipe", storage=f"sqlite:///{out}/study.db")
+def trials_of(out, study="visionrecipe"):
+    study = optuna.load_study(study_name=study, storage=f"sqlite:///{out}/study.db")
     return study.trials
 
 
@@ -181,3 +181,22 @@ def test_tune_refuses_to_score_on_test(tmp_path):
     result = run_cli("tune", "--data", "digits", "--val-fraction", 0, "--out", tmp_path / "t")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "--val-fraction" in result.stderr
+
+
+def test_a_second_study_in_one_out_is_refused_and_the_first_kept(tmp_path, space):
+    out, path = tmp_path / "tune", space(epochs=1)
+    first = run_cli("tune", "--data", "digits", "--space", path, "--trials", 1, "--study", "a", "--out", out)
+    assert first.returncode == 0, first.stderr
+    kept = {p: p.read_bytes() for p in [out / "best.yaml", *(out / "trials" / "0000").iterdir()] if p.is_file()}
+    assert out / "best.yaml" in kept and out / "trials" / "0000" / "model.safetensors" in kept
+
+    for other in (["--study", "b"], ["--study", "a", "--storage", tmp_path / "elsewhere.journal"]):
+        second = run_cli("tune", "--data", "digits", "--space", path, "--trials", 1, *other, "--out", out)
+        assert second.returncode == 2
+        assert second.stderr.startswith(f"error: {out} holds study 'a'") and len(second.stderr.splitlines()) == 1
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{out}/study.db")] == ["a"]
+
+    again = run_cli("tune", "--out", out, "--study", "a", "--trials", 2)  # the study itself continues
+    assert again.returncode == 0, again.stderr
+    assert len(trials_of(out, study="a")) == 2

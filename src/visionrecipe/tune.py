@@ -16,6 +16,9 @@ machines can work on one study:
   `--storage FILE.journal` for Optuna's journal file. How each is kept safe, and how the trial of
   a killed worker is failed: tune_storage.py.
 
+One --out holds one study: out/study.json names it (and its storage), and a tune of another study
+into the same folder is refused, since its trials/NNNN, best.yaml and report would replace these.
+
 `--trials N` is the number of complete+pruned trials the study should hold: workers count the study
 before each trial and wait while the running ones would reach N, so N is met, not overshot.
 """
@@ -23,14 +26,17 @@ before each trial and wait while the running ones would reach N, so N is met, no
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import multiprocessing
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_write_text
 from .config import Config, apply_overrides, load_config, resolve_recipe
 from .errors import VisionRecipeError
 from .system import physical_cores
@@ -39,6 +45,7 @@ from .tune_space import default_space, load_space, recipe_trial, space_from_dict
 
 POLL_S = 2.0  # a worker waiting for running trials to finish looks again this often
 MAX_FAILURES = 3  # consecutive failed trials in one worker: a systematic error, stop
+MARKER = "study.json"  # in out: which study (name and storage) the directory belongs to
 
 
 @dataclass
@@ -92,12 +99,12 @@ def tune(base: dict[str, Any], options: TuneOptions) -> TuneResult:
     check_base(base)  # bad settings or space files fail before a study is created for nothing
     if options.space:
         load_space(options.space, {})
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in ("study.db", "trials")):
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in ("study.db", "trials", MARKER)):
         raise VisionRecipeError(f"{out} exists and is not a tune directory; choose another --out")
     storage_spec = options.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if options.overwrite:
         clear_output(out, storage_spec, options.study)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, options.study, storage_spec)
     storage = open_storage(storage_spec)
     study = optuna.create_study(storage=storage, study_name=options.study, direction="maximize",
                                 load_if_exists=True)
@@ -121,9 +128,35 @@ def tune(base: dict[str, Any], options: TuneOptions) -> TuneResult:
     return summarize(study, out, base, seconds=time.time() - start)
 
 
+def claim_output(out: Path, study_name: str, storage_spec: str) -> None:
+    """One study per output directory: its trials/NNNN, best.yaml and report would be overwritten
+    by another study's. The first tune into `out` writes MARKER; a tune of another study (or of the
+    same name in another storage) is refused.
+
+        claim_output(Path("runs/t"), "s1", "sqlite:///runs/t/study.db")   # then "s2" is refused
+    """
+    owner = {"study": study_name, "storage": storage_identity(storage_spec)}
+    marker = out / MARKER
+    if marker.is_file():
+        held = json.loads(marker.read_text())
+        if held != owner:
+            raise VisionRecipeError(f"{out} holds study '{held['study']}' ({held['storage']}); another study there "
+                                    "would overwrite its trials and best.yaml: use another --out, or --overwrite")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(owner, indent=2) + "\n")
+
+
+def storage_identity(spec: str) -> str:
+    """The storage as the marker records it: a file path made absolute, a URL's password hidden."""
+    if "://" not in spec:
+        return str(Path(spec).expanduser().resolve())
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", spec)
+
+
 def clear_output(out: Path, storage_spec: str, study_name: str) -> None:
     """--overwrite: forget the study and its trials (only the files tune writes)."""
-    for name in ("study.db", "best.yaml", "tune_report.html"):
+    for name in ("study.db", "best.yaml", "tune_report.html", MARKER):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "trials", ignore_errors=True)
     if not storage_spec.startswith("sqlite:///" + str(out.resolve())):
