@@ -5,6 +5,8 @@
 
 - SQLite (tune's default, `out/study.db`) and server URLs go through Optuna's RDBStorage, with
   heartbeats: a trial silent for GRACE_S on any machine is failed by the next worker that looks.
+  On PostgreSQL (driver: psycopg 3, the `postgres` extra) the tables are created under an
+  advisory lock, so workers started together on a fresh database do not collide.
   SQLite serialises writers with file locks; Optuna writes a few rows per epoch, so with a 60 s
   busy timeout (Python's default is 5 s) a few local workers wait their turn instead of failing.
 - A path (FILE.journal) uses Optuna's JournalFileBackend: append-only and lock-safe for many local
@@ -26,6 +28,7 @@ from .errors import VisionRecipeError
 
 HEARTBEAT_S = 10  # a worker writes its heartbeat this often...
 GRACE_S = 40  # ...and a trial silent this long on any machine is failed
+SCHEMA_LOCK_KEY = 0x76697372  # PostgreSQL advisory lock id while Optuna creates its tables ("visr")
 
 
 def optuna_module():
@@ -44,15 +47,53 @@ def open_storage(spec: str):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(Path(spec).expanduser())))
-    engine = {"connect_args": {"timeout": 60}} if spec.startswith("sqlite") else None
+    url = database_url(spec)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        return optuna.storages.RDBStorage(spec, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                          grace_period=GRACE_S)
+        with schema_lock(url):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S)
     except ImportError:
         raise VisionRecipeError(f"storage {spec.split('://')[0]}: its database driver is not installed "
-                                "(for PostgreSQL: pip install psycopg2-binary)") from None
+                                f"({driver_hint(url)})") from None
     except Exception as exc:  # SQLAlchemy's errors: bad URL, server down, no permission
         raise VisionRecipeError(f"cannot open storage {spec}: {str(exc).splitlines()[0]}") from None
+
+
+def database_url(spec: str) -> str:
+    """The URL handed to SQLAlchemy: a plain `postgresql://` names its driver, psycopg 3 (the
+    `postgres` extra), so the driver does not depend on SQLAlchemy's default of the day (psycopg2
+    up to 2.0, psycopg 3 from 2.1). An explicit `postgresql+driver://` is left as written.
+
+        database_url("postgresql://u@host/db")  # 'postgresql+psycopg://u@host/db'
+    """
+    return "postgresql+psycopg://" + spec[len("postgresql://"):] if spec.startswith("postgresql://") else spec
+
+
+def driver_hint(url: str) -> str:
+    if url.startswith("postgresql+psycopg://"):
+        return "for PostgreSQL: pip install 'visionrecipe[postgres]'"
+    return "install the driver that SQLAlchemy names for this URL"
+
+
+@contextlib.contextmanager
+def schema_lock(url: str):
+    """PostgreSQL: one process at a time creates (or checks) Optuna's tables, under an advisory
+    lock. Two workers started together on a fresh database otherwise both run CREATE TABLE and one
+    fails with UniqueViolation on pg_type. Other databases: nothing to hold."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:  # the lock ends with this connection's session
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            yield
+    finally:
+        engine.dispose()
 
 
 def worker_identity() -> dict:
