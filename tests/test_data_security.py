@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,58 @@ def test_class_folder_that_links_to_its_parent_is_one_line_error(tmp_path):
     make_classes(root, per_class=3, classes=["a", "b"], extras=False)
     (root / "z").symlink_to(".")
     assert_one_line_error("class folder .*z is a link to .*which holds it", load, root, tmp_path)
+
+
+# ---------------------------------------------------------------------------- 7: resume on changed data
+
+
+class _Crash(Exception):
+    """Raised after the first epoch: the run stops with state.pt written, as after a kill."""
+
+
+def _crash(record):
+    raise _Crash
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A 2-epoch run on a tiny folder that stopped after epoch 1, and a pristine copy of its data."""
+    from visionrecipe.config import Config
+    from visionrecipe.trainer import Trainer
+
+    root = tmp_path / "pics"
+    make_classes(root, per_class=6, classes=["a", "b"], extras=False)
+    shutil.copytree(root, tmp_path / "pristine")
+    cfg = Config.from_dict({"data": str(root), "data_dir": str(tmp_path / "cache"), "model": "seedcnn", "image_size": 16,
+                            "epochs": 2, "batch_size": 4, "device": "cpu", "out": str(tmp_path / "run"),
+                            "progress": False, "report": False})
+    with pytest.raises(_Crash):
+        Trainer(cfg, on_epoch=_crash).fit()
+    return root, tmp_path / "pristine", tmp_path / "run"
+
+
+def _restore(root: Path, pristine: Path) -> None:
+    shutil.rmtree(root)
+    shutil.copytree(pristine, root)
+
+
+def test_resume_on_changed_data_is_refused_and_on_the_same_data_continues(stopped_run, capsys):
+    root, pristine, run = stopped_run
+    metrics_before = (run / "metrics.jsonl").read_text()
+    for change, said in [
+        (lambda: [write_image(root / "a" / f"new{i}.png", seed=70 + i) for i in range(4)], "train images 8 → 12"),
+        (lambda: write_image(root / "b" / "img1.bmp", seed=4242), "the pixels of the training images"),
+        (lambda: os.rename(root / "b", root / "c"), "classes added: ['c'], removed: ['b']"),
+        (lambda: os.rename(root / "b" / "img1.bmp", root / "a" / "img1.bmp.png"), "other images"),
+    ]:
+        change()
+        code, err = cli(capsys, "train", "--resume", run)
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: cannot resume {run}: its data changed since the run started (")
+        assert said in err[0]
+        assert (run / "metrics.jsonl").read_text() == metrics_before  # nothing was touched
+        _restore(root, pristine)
+
+    code, err = cli(capsys, "train", "--resume", run)
+    assert code == 0, err
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

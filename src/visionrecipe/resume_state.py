@@ -5,11 +5,15 @@
 
 The data order needs no saved state (a function of seed and epoch) and augmentation is seeded by
 the step; everything else that moves (weights, optimizer moments, EMA, the epoch's partial loss,
-every process's RNG, the position in the epoch) is in state.pt.
+every process's RNG, the position in the epoch) is in state.pt. So is a fingerprint of the data
+(`data_fingerprint`): a folder that gained or lost images would re-split and re-normalise, and the
+"resumed" run would silently be another one, so a resume on changed data is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -58,6 +62,55 @@ STATE_KEYS = ("model", "optimizer", "ema", "step", "epoch", "position", "total_s
               "elapsed", "nan_skips", "loss_sum", "seen", "world_size", "rng")
 
 
+def data_fingerprint(data, mean: list[float], std: list[float]) -> dict:
+    """What must not change under a resume: the classes, the images of each split (count, and a
+    hash of their paths and labels) and the train split's mean/std, which moves when pixels do.
+
+        fingerprint = data_fingerprint(trainer.data, *channel_stats(trainer.data.train.images))
+    """
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    digest = hashlib.sha256()
+    for name, split in splits.items():
+        if split is not None:
+            digest.update(f"{name}\0{len(split)}\0".encode())
+            digest.update("\0".join(split.paths or []).encode("utf-8", "surrogateescape"))
+            digest.update(split.labels.cpu().numpy().tobytes())
+    return {"classes": list(data.classes), "images": {k: len(v) for k, v in splits.items() if v is not None},
+            "files": digest.hexdigest(), "mean": list(mean), "std": list(std)}
+
+
+def data_changes(saved: dict, now: dict) -> list[str]:
+    """How `now` differs from `saved` (data_fingerprint dicts), in words; empty when it does not."""
+    if saved["classes"] != now["classes"]:
+        added = [c for c in now["classes"] if c not in saved["classes"]]
+        removed = [c for c in saved["classes"] if c not in now["classes"]]
+        if added or removed:
+            return [f"classes added: {added or 'none'}, removed: {removed or 'none'}"]
+        return ["the classes are in another order"]
+    counts = [f"{name} images {saved['images'].get(name, 0)} → {now['images'].get(name, 0)}"
+              for name in ("train", "val", "test") if saved["images"].get(name, 0) != now["images"].get(name, 0)]
+    if counts:
+        return counts
+    if saved["files"] != now["files"]:
+        return ["other images, or images in other splits or classes"]
+    stats = saved["mean"] + saved["std"], now["mean"] + now["std"]
+    if len(stats[0]) != len(stats[1]) or not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(*stats)):
+        return ["the pixels of the training images (their mean/std)"]
+    return []
+
+
+def check_data(trainer, state: dict) -> None:
+    """Refuse to resume on data that changed since state.pt was written (a one-line error)."""
+    if "data" not in state:  # written before fingerprints existed
+        warn(f"note: {trainer.run_dir / 'state.pt'} holds no data fingerprint; resuming without checking the data")
+        return
+    changes = data_changes(state["data"], trainer.data_fingerprint)
+    if changes:
+        raise VisionRecipeError(
+            f"cannot resume {trainer.run_dir}: its data changed since the run started ({'; '.join(changes)}); "
+            "restore the data, or start a new run")
+
+
 def rng_state(device: torch.device) -> dict:
     """This process's global RNG (dropout draws from it; augmentation has its own generator)."""
     return {"torch": torch.get_rng_state(),
@@ -77,13 +130,14 @@ def save_state(trainer) -> None:
         "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position, "total_steps": trainer.total_steps,
         "epochs": trainer.cfg.optim.epochs, "best_acc": trainer.best_acc, "elapsed": trainer.elapsed,
         "nan_skips": trainer.nan_skips, "loss_sum": partial[0].cpu(), "seen": int(partial[1]),
-        "world_size": trainer.world.size, "rng": rng,
+        "world_size": trainer.world.size, "rng": rng, "data": trainer.data_fingerprint,
     }
     ckpt.save_state(trainer.run_dir / "state.pt", state)
 
 def load_state(trainer, state: dict) -> None:
     """Continue from `state` (read in setup). The data order needs no state: it is a function
     of (seed, epoch), and `position` says how many global batches of the epoch are done."""
+    check_data(trainer, state)  # first: other data also makes a model of another shape
     source = str(trainer.run_dir / "state.pt")
     ckpt.load_into(trainer.model, state["model"], source)
     if (state["ema"] is None) != (trainer.ema is None):

@@ -38,7 +38,7 @@ from .models import create_model, get_spec
 from .monitor import nan_injection_steps, open_tensorboard, progress_bar
 from .multilabel import check_task, compute_multilabel_metrics, init_prior_bias, task_loss
 from .optim import EMA, build_optimizer, small_data_batch
-from .resume_state import STATE_KEYS, load_state, plan_resume, save_state
+from .resume_state import STATE_KEYS, data_fingerprint, load_state, plan_resume, save_state
 from .run import Run, ensure_room, prepare_run_dir
 from .schedule import lr_factor
 from .system import local_rank, log, select_device, set_threads, shutdown, warn, world
@@ -107,6 +107,7 @@ class Trainer:
         self.classes = self.data.classes
         check_task(cfg, self.data)
         self.mean, self.std = channel_stats(train_split.images)
+        self.data_fingerprint = data_fingerprint(self.data, self.mean, self.std)  # a resume must find the same
         options = {k: v for k, v in (("width", cfg.model.width), ("depth", cfg.model.depth)) if v is not None}
         self.model = create_model(cfg.model.model, len(self.classes), in_channels=channels,
                                   image_size=height, head=cfg.model.head, **options)
