@@ -214,3 +214,44 @@ def test_resume_on_changed_data_is_refused_and_on_the_same_data_continues(stoppe
     code, err = cli(capsys, "train", "--resume", run)
     assert code == 0, err
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------- 10: manifest paths
+
+
+def _manifest_with(tmp_path: Path, outside_path: str) -> Path:
+    """A manifest in d/ listing two images of its own and, last, outside_path (an image in secret/)."""
+    folder = tmp_path / "d"
+    write_image(folder / "img" / "1.png")
+    write_image(folder / "img" / "2.png", seed=1)
+    write_image(tmp_path / "secret" / "s.png", seed=2)
+    (folder / "labels.csv").write_text(f"path,labels\nimg/1.png,x\nimg/2.png,y\n{outside_path},x;y\n")
+    return folder / "labels.csv"
+
+
+@pytest.mark.parametrize("how", ["../secret/s.png", "img/../../secret/s.png", "ABSOLUTE"])
+def test_manifest_paths_outside_its_folder_are_refused_unless_allowed(tmp_path, capsys, how):
+    written = str(tmp_path / "secret" / "s.png") if how == "ABSOLUTE" else how
+    manifest = _manifest_with(tmp_path, written)
+    message = assert_one_line_error("outside the manifest's folder", load, manifest, tmp_path)
+    assert f"manifest {manifest}, row 3: {written!r} is outside" in message and "--allow-outside-paths" in message
+
+    code, err = cli(capsys, *train_args(manifest, tmp_path / "run", "--task", "multilabel", "--epochs", 1))
+    assert code == 2 and len(err) == 1 and f"row 3: {written!r}" in err[0]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+    from visionrecipe.cli import build_parser
+    from visionrecipe.config import config_from_args
+
+    args = build_parser().parse_args([str(a) for a in train_args(manifest, tmp_path / "run", "--allow-outside-paths")])
+    assert config_from_args(args).data.allow_outside_paths is True
+    data = load(manifest, tmp_path, val_fraction=0, allow_outside_paths=True)
+    every = data.train.paths + data.test.paths
+    assert len(every) == 3 and os.path.realpath(tmp_path / "secret" / "s.png") in map(os.path.realpath, every)
+
+
+def test_manifest_paths_inside_its_folder_are_fine(tmp_path):
+    manifest = _manifest_with(tmp_path, str(tmp_path / "d" / "img" / ".." / "img" / "1.png"))  # absolute, inside
+    (tmp_path / "d" / "labels.csv").write_text((tmp_path / "d" / "labels.csv").read_text() + "./img/2.png,x\n")
+    data = load(manifest, tmp_path, val_fraction=0)
+    assert len(data.train) + len(data.test) == 4

@@ -178,7 +178,7 @@ def data_doctor(cfg: Config, out: Path) -> dict:
 
     data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
                         val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, strict=cfg.data.strict,
-                        workers=cfg.data.workers)
+                        workers=cfg.data.workers, allow_outside_paths=cfg.data.allow_outside_paths)
     checks = [asdict(c) for c in data_checks(data)]
     report = {"data": cfg.data.data, "model": "data checks only", "passed": all(c["verdict"] != "fail" for c in checks),
               "checks": checks}

@@ -41,6 +41,7 @@ class DataConfig:
     val_fraction: float = opt(0.1, "fraction of train carved out (stratified) for validation; 0 = validate on test", minimum=0.0)
     strict: bool = opt(False, "an unreadable image is an error instead of a skipped warning")
     workers: int | None = opt(None, "processes for decoding images (default: all cores)", positive=True)
+    allow_outside_paths: bool = opt(False, "let a .csv manifest name images outside its own folder (../ or absolute paths)")
 
 
 @dataclass

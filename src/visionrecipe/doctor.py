@@ -83,7 +83,8 @@ def prepare(cfg: Config, device: str = "auto", progress: bool = False) -> Setup:
         cfg.data.image_size = pretrained_image_size(cfg, spec)  # as the trainer: the weights' own size
     data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
                         val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, strict=cfg.data.strict,
-                        progress=progress, workers=cfg.data.workers)
+                        progress=progress, workers=cfg.data.workers,
+                        allow_outside_paths=cfg.data.allow_outside_paths)
     # Small images make each op too small to split: on two busy cores a second thread made the
     # doctor ten times slower (spinning at barriers). Large images get the trainer's default.
     small = data.train.images[0].numel() <= SMALL_IMAGE

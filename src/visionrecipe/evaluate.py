@@ -129,7 +129,7 @@ def load_run_dataset(run_dir: Path, meta: dict, *, data: str | None = None, data
     config = _run_config(Path(run_dir))
     return load_dataset(data or meta.get("data") or config.data.data, data_dir=data_dir or config.data.data_dir,
                         image_size=meta["input_size"][1], val_fraction=config.data.val_fraction,
-                        seed=config.run.seed, progress=False)
+                        seed=config.run.seed, progress=False, allow_outside_paths=config.data.allow_outside_paths)
 
 
 def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:

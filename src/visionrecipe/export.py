@@ -76,7 +76,8 @@ def verification_images(run_dir: Path, meta: dict, data: str | None = None,
         dataset = load_dataset(spec, data_dir=config.data.data_dir if config else "~/.cache/visionrecipe",
                                image_size=meta["input_size"][1],
                                val_fraction=config.data.val_fraction if config else 0.1,
-                               seed=config.run.seed if config else 0, progress=False)
+                               seed=config.run.seed if config else 0, progress=False,
+                               allow_outside_paths=bool(config and config.data.allow_outside_paths))
         if list(dataset.classes) != list(meta["classes"]):
             raise VisionRecipeError(f"the classes of {spec} do not match the model's")
         split = dataset.test

@@ -97,7 +97,7 @@ class Trainer:
             self.data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
                                      val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,
                                      strict=cfg.data.strict, progress=cfg.run.progress and self.world.is_main,
-                                     workers=cfg.data.workers)
+                                     workers=cfg.data.workers, allow_outside_paths=cfg.data.allow_outside_paths)
         if self.data.skipped:
             names = ", ".join(path for path, _ in self.data.skipped[:5])
             more = f" and {len(self.data.skipped) - 5} more" if len(self.data.skipped) > 5 else ""

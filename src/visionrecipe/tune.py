@@ -207,7 +207,8 @@ def image_size(cfg: Config) -> int:
     from .data import load_dataset
 
     data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.run.seed, strict=cfg.data.strict, workers=cfg.data.workers)
+                        seed=cfg.run.seed, strict=cfg.data.strict, workers=cfg.data.workers,
+                        allow_outside_paths=cfg.data.allow_outside_paths)
     return int(data.train.images.shape[-1])
 
 

@@ -66,8 +66,12 @@ def load_dataset(
     strict: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    allow_outside_paths: bool = False,
 ) -> Dataset:
-    """Load the dataset a --data spec names; every user error is a one-line VisionRecipeError."""
+    """Load the dataset a --data spec names; every user error is a one-line VisionRecipeError.
+
+    allow_outside_paths: a .csv manifest may name images outside its own folder (../, absolute).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise VisionRecipeError(f"empty --data spec: expected {', '.join(NAMED_DATASETS)} or a folder")
     check_image_size(image_size)
@@ -83,7 +87,7 @@ def load_dataset(
         from visionrecipe.data.manifest import load_manifest  # multilabel: path,label1;label2 rows
 
         return load_manifest(spec, path, data_dir=data_dir, image_size=image_size, strict=strict,
-                             progress=progress, workers=workers, **options)
+                             progress=progress, workers=workers, allow_outside_paths=allow_outside_paths, **options)
     if path.exists() or _looks_like_path(spec):
         return load_folder(
             spec, path, data_dir=data_dir, image_size=image_size, strict=strict,

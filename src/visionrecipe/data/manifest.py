@@ -9,9 +9,12 @@ Usage::
     data.train.labels              # float32 N×C multi-hot (1.0 where the image has the label)
 
 Format, one row per image: ``path,labels`` with the labels separated by ``;`` (empty: none of
-them), e.g. ``beach/001.jpg,sea;sky``. Paths are relative to the CSV's folder (absolute ones are
-kept). A header row ``path,labels`` is optional, and so is a third column ``split`` (train, val
-or test) that fixes the splits. Without it the test split is a random ``val_fraction`` (0.1 when
+them), e.g. ``beach/001.jpg,sea;sky``. Paths are relative to the CSV's folder and must stay in it:
+``../`` or an absolute path elsewhere is an error unless ``allow_outside_paths`` (the
+``--allow-outside-paths`` flag) is set, so a manifest someone sent you reads only the files that
+came with it (the check is on the path as written; a symlink inside the folder is followed).
+A header row ``path,labels`` is optional, and so is a third column ``split`` (train, val or
+test) that fixes the splits. Without it the test split is a random ``val_fraction`` (0.1 when
 0) drawn with seed 0, so it never moves with --seed, and validation a random ``val_fraction``
 of the rest drawn with --seed. Random, not stratified: there is no single label to stratify by.
 Images are decoded once and cached in ``<data_dir>/tensors/`` like a folder's; the labels are
@@ -82,6 +85,22 @@ def random_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torc
     return torch.sort(perm[held_count:]).values, torch.sort(perm[:held_count]).values
 
 
+def confined_relpaths(path: Path, files: list[str], allow_outside_paths: bool = False) -> list[str]:
+    """Each manifest path relative to the manifest's folder; one that leaves it is an error unless allowed.
+
+        confined_relpaths(Path("/d/labels.csv"), ["a/1.png", "../x.png"])   # error: row 2, '../x.png'
+    """
+    root = path.parent
+    relpaths = [os.path.relpath(os.path.join(root, os.path.expanduser(f)), root) for f in files]
+    if not allow_outside_paths:
+        for number, (written, rel) in enumerate(zip(files, relpaths), start=1):
+            if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+                raise VisionRecipeError(
+                    f"manifest {path}, row {number}: {written!r} is outside the manifest's folder {root}; "
+                    "pass --allow-outside-paths to read images from anywhere")
+    return relpaths
+
+
 def _decode(root: Path, relpaths: list[str], data_dir: Path, image_size, progress, workers):
     """(images, kept mask, skipped, decode seconds, from cache), through the folder cache."""
     paths = [os.path.join(root, p) for p in relpaths]
@@ -105,7 +124,7 @@ def _decode(root: Path, relpaths: list[str], data_dir: Path, image_size, progres
 
 
 def load_manifest(spec: str, path: Path, *, data_dir: Path, image_size, val_fraction, seed, strict,
-                  progress, workers) -> Dataset:
+                  progress, workers, allow_outside_paths: bool = False) -> Dataset:
     """Read a manifest and its images into a Dataset whose labels are multi-hot.
 
     The keyword arguments are load_dataset's, already validated, passed straight through.
@@ -118,7 +137,7 @@ def load_manifest(spec: str, path: Path, *, data_dir: Path, image_size, val_frac
     classes = sorted({name for names in labels for name in names})
     if not classes:
         raise VisionRecipeError(f"manifest {path} names no labels (the second column, ';'-separated)")
-    relpaths = [os.path.relpath(os.path.join(root, os.path.expanduser(f)), root) for f in files]
+    relpaths = confined_relpaths(path, files, allow_outside_paths)
     images, kept, skipped, seconds, from_cache = _decode(root, relpaths, data_dir, image_size, progress, workers)
     if strict and skipped:
         bad, reason = skipped[0]
