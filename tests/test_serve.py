@@ -30,6 +30,13 @@ def free_port() -> int:
 @contextmanager
 def serving(model, *flags, log: Path):
     """`python -m visionrecipe serve MODEL --port FREE ...` until /health answers; stopped afterwards."""
+    with serving_process(model, *flags, log=log) as (url, _):
+        yield url
+
+
+@contextmanager
+def serving_process(model, *flags, log: Path):
+    """As serving, yielding (url, the server's subprocess.Popen)."""
     port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "visionrecipe", "serve", str(model), "--port", str(port),
@@ -48,7 +55,7 @@ def serving(model, *flags, log: Path):
             if time.monotonic() > deadline:
                 pytest.fail(f"server did not answer /health:\n{log.read_text()}")
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -225,3 +232,168 @@ def test_web_page_in_headless_chromium(server, digits, tmp_path):
             assert not page.locator("#error").is_visible()
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------- limits per request (issue 14, item 5)
+
+def blank_png(width: int, height: int, mode: str = "L") -> bytes:
+    """A real, fully decodable width×height PNG of one colour: megapixels in a few kilobytes."""
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_png():
+    """6300×6300 = 39.7 megapixels, just under the default per-image limit, in about 40 KB."""
+    return blank_png(6300, 6300)
+
+
+def test_files_per_request_are_limited(server, digits):
+    limit = 100  # the default
+    files = [("files", (f"{i}.png", digits[i % 10][0])) for i in range(limit + 1)]
+    with httpx.Client(base_url=server, timeout=60) as client:
+        too_many = client.post("/predict", files=files)
+        assert too_many.status_code == 413 and "--max-files" in too_many.json()["detail"]
+        assert len(client.post("/predict", files=files[:limit]).json()["predictions"]) == limit
+
+
+def test_pixels_per_request_are_limited_before_anything_is_decoded(server, big_png):
+    """8 compressed 40-megapixel PNGs (the issue's 1.1 s of CPU) are refused from their headers:
+    a truncated first image, which decoding would answer with 400, still gets the 413."""
+    truncated = big_png[: len(big_png) // 2]  # the header is intact, the pixel data is cut
+    with httpx.Client(base_url=server, timeout=60) as client:
+        eight = client.post("/predict", files=[("files", (f"{i}.png", big_png)) for i in range(8)])
+        assert eight.status_code == 413 and "--max-request-megapixels" in eight.json()["detail"]
+        first_cut = [("files", ("cut.png", truncated)), *[("files", (f"{i}.png", big_png)) for i in range(2)]]
+        assert client.post("/predict", files=first_cut).status_code == 413  # 119 MP: no decode happened
+        under_limit = client.post("/predict", files=first_cut[:2])  # 79 MP: decoded, and the cut one fails
+        assert under_limit.status_code == 400 and "cut.png: unreadable image" in under_limit.json()["detail"]
+        assert client.post("/predict", files=[("files", ("big.png", big_png))]).status_code == 200
+
+
+def _image_in(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "ICO", "SGI"])
+def test_formats_the_service_does_not_list_get_415(server, fmt):
+    response = httpx.post(f"{server}/predict", files={"files": (f"image.{fmt.lower()}", _image_in(fmt))})
+    assert response.status_code == 415, response.text
+    assert "not an image in an accepted format (PNG, JPEG" in response.json()["detail"]
+
+
+def test_every_listed_format_is_accepted(server):
+    listed = httpx.get(f"{server}/metadata").json()["limits"]["formats"]
+    assert listed == ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]
+    files = [("files", (f"image.{fmt.lower()}", _image_in(fmt))) for fmt in listed]
+    response = httpx.post(f"{server}/predict", files=files, timeout=30)
+    assert response.status_code == 200 and len(response.json()["predictions"]) == len(listed)
+
+
+@pytest.fixture(scope="module")
+def roomy_server(digits_run, tmp_path_factory):
+    """Limits above PIL's own default of 89.5 megapixels, and one other site allowed to post."""
+    log = tmp_path_factory.mktemp("serve") / "roomy.log"
+    with serving(digits_run, "--max-megapixels", 120, "--allow-origin", "http://localhost:3000/", log=log) as url:
+        yield url
+
+
+def test_max_megapixels_above_pils_default_admits_the_image(roomy_server):
+    """100 megapixels: over PIL's default guard (which refused it as a 'decompression bomb'), under ours."""
+    hundred = blank_png(10_000, 10_000, mode="1")  # 1 bit per pixel: ~12 KB, 100 MB once decoded
+    response = httpx.post(f"{roomy_server}/predict", files={"files": ("wide.png", hundred)}, timeout=60)
+    assert response.status_code == 200, response.text
+    over = httpx.post(f"{roomy_server}/predict", files={"files": ("wider.png", png_header(11_000, 11_000))})
+    assert over.status_code == 413 and "121.0 megapixels, over the limit of 120" in over.json()["detail"]
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for peak memory")
+def test_decoding_is_bounded_across_concurrent_requests(digits_run, big_png, tmp_path):
+    """Six requests of two 40-megapixel images at once: one decode thread holds one image (40 MB)
+    at a time, where a thread per request held six."""
+    files = [("files", (f"{i}.png", big_png)) for i in range(2)]
+    with serving_process(digits_run, "--decode-threads", 1, log=tmp_path / "server.log") as (url, proc):
+        before = _peak_rss_mb(proc.pid)
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{url}/predict", files=files, timeout=120).status_code,
+                                  range(6)))
+        grown = _peak_rss_mb(proc.pid) - before
+    assert codes == [200] * 6
+    assert grown < 130, f"peak memory grew by {grown:.0f} MB"
+
+
+# ---------------------------------------------------------------- Host and Origin (issue 14, item 14)
+
+def raw_request(url: str, method: str, path: str, headers: dict, files=None):
+    """One request through http.client, which sends the Host and Origin we give verbatim."""
+    import http.client
+
+    body = None
+    if files is not None:
+        built = httpx.Request(method, url + path, files=files)
+        body = built.read()
+        headers = {**headers, "Content-Type": built.headers["content-type"]}
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def test_loopback_server_answers_only_local_host_names(server):
+    """DNS rebinding: evil.example re-pointed at 127.0.0.1 reaches us with its own name as Host."""
+    port = server.rsplit(":", 1)[1]
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", ""):
+        status, _, body = raw_request(server, "GET", "/metadata", {"Host": host})
+        assert status == 421 and b"not this machine" in body, (host, body)
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST:9000", "localhost"):
+        status, _, body = raw_request(server, "GET", "/metadata", {"Host": host})
+        assert status == 200 and b'"classes"' in body, (host, body)
+
+
+def test_cross_origin_posts_are_refused(server, digits):
+    port = server.rsplit(":", 1)[1]
+    upload = {"files": ("a.png", digits[0][0])}
+    status, _, body = raw_request(server, "POST", "/predict", {"Origin": "http://evil.example"}, upload)
+    assert status == 403 and b"--allow-origin http://evil.example" in body
+    assert raw_request(server, "POST", "/predict", {"Origin": "null"}, upload)[0] == 403  # sandboxed or file://
+    for same in (f"http://127.0.0.1:{port}", None):  # the server's own page; a client that is no browser
+        status, _, body = raw_request(server, "POST", "/predict", {"Origin": same} if same else {}, upload)
+        assert status == 200 and b'"predictions"' in body
+    status, _, _ = raw_request(server, "POST", "/predict", {"Host": f"localhost:{port}",
+                                                            "Origin": f"http://localhost:{port}"}, upload)
+    assert status == 200
+
+
+def test_allow_origin_admits_that_site_only(roomy_server, digits):
+    upload = {"files": ("a.png", digits[0][0])}
+    status, headers, _ = raw_request(roomy_server, "POST", "/predict", {"Origin": "http://localhost:3000"}, upload)
+    assert status == 200 and headers.get("access-control-allow-origin") == "http://localhost:3000"
+    assert raw_request(roomy_server, "POST", "/predict", {"Origin": "http://localhost:3001"}, upload)[0] == 403
+
+
+def test_bad_serve_settings_are_one_line_errors(digits_run, capsys):
+    from visionrecipe.cli import main
+    from visionrecipe.serve_checks import is_loopback
+
+    for flags, message in [(["--allow-origin", "*"], "--allow-origin needs an origin such as"),
+                           (["--allow-origin", "http://a.example/page"], "--allow-origin needs an origin"),
+                           (["--max-files", "0"], "max_files must be a positive integer"),
+                           (["--max-request-megapixels", "10"], "max_request_megapixels must be at least"),
+                           (["--decode-threads", "0"], "decode_threads must be a positive integer")]:
+        assert main(["serve", str(digits_run), *flags]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1, error
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))

@@ -90,10 +90,11 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def decode_pil(opened, image_size: int | None, channels: int) -> np.ndarray:
+def decode_pil(opened, image_size: int | None, channels: int, formats=None) -> np.ndarray:
     """The one PIL decode both runtimes use (the training decoder in data/decode.py too): a path or
-    file object to uint8 H×W or H×W×C. PIL's own exceptions propagate; callers word them."""
-    with Image.open(opened) as img:
+    file object to uint8 H×W or H×W×C; formats (e.g. ("PNG", "JPEG")) limits the PIL plugins
+    tried, None tries all. PIL's own exceptions propagate; callers word them."""
+    with Image.open(opened, formats=formats) as img:
         img.load()  # decode now: truncated data raises here, not later
         ImageOps.exif_transpose(img, in_place=True)
         img = _to_mode(img, channels)
@@ -102,15 +103,16 @@ def decode_pil(opened, image_size: int | None, channels: int) -> np.ndarray:
         return np.asarray(img)
 
 
-def read_image_array(source, *, image_size: int | None, channels: int = 3) -> np.ndarray:
-    """Decode a path or bytes to uint8 C×H×W, as ``visionrecipe.data.read_image`` does."""
+def read_image_array(source, *, image_size: int | None, channels: int = 3, formats=None) -> np.ndarray:
+    """Decode a path or bytes to uint8 C×H×W, as ``visionrecipe.data.read_image`` does
+    (that decodes any format PIL knows; ``formats`` may limit this one, as the server does)."""
     if channels not in (1, 3):
         raise VisionRecipeError(f"channels must be 1 or 3, got {channels!r}")
     is_bytes = isinstance(source, (bytes, bytearray, memoryview))
     name = "image bytes" if is_bytes else os.fspath(source)
     opened = io.BytesIO(bytes(source)) if is_bytes else source
     try:
-        array = decode_pil(opened, image_size, channels)
+        array = decode_pil(opened, image_size, channels, formats)
     except FileNotFoundError:
         raise VisionRecipeError(f"no such image file: {name}") from None
     except IsADirectoryError:

@@ -15,30 +15,37 @@
 Concurrent requests share forward passes: each image joins an asyncio queue, and one worker
 takes up to max_batch images (waiting at most max_wait_ms for the batch to fill) and runs them
 as one forward in a thread, so the event loop keeps accepting requests meanwhile and throughput
-grows with load. Every bad upload is a 4xx JSON {"detail": ...} and the server keeps serving:
-empty or truncated file 400, not an image 415, body over max_upload_mb or image over
-max_megapixels (decompression bombs) 413, no file field 422.
+grows with load. Uploads are decoded by a pool of decode_threads shared by all requests, so
+decoding's memory and CPU stay bounded however many requests arrive.
+
+Every refusal is a 4xx JSON {"detail": ...} and the server keeps serving (serve_checks.py):
+empty or truncated file 400, a POST from another site's page 403, not an image in an accepted
+format 415, a foreign Host while bound to loopback 421, no file field 422, and 413 for a body
+over max_upload_mb, more than max_files files, an image over max_megapixels or a request over
+max_request_megapixels -- the pixel limits read from the headers before anything is decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import VisionRecipeError
+from .onnx_runtime import read_image_array
 from .predict import answers
+from .serve_checks import ACCEPTED_FORMATS, ClientGuard, UploadLimit, image_pixels, is_loopback, normalize_origin
 
 
 @dataclass
@@ -47,17 +54,29 @@ class ServeSettings:
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
     max_upload_mb: float = 10.0  # whole request body, MiB
     max_megapixels: float = 40.0  # per image, checked from the header before decoding
+    max_files: int = 100  # images per request
+    max_request_megapixels: float | None = None  # all images of a request; None: max(100, max_megapixels)
+    decode_threads: int = 2  # uploads decoded at once over all requests: memory ~ this × the largest image
     batching: bool = True
+    host: str = "127.0.0.1"  # the bound address; on loopback only local Host names are answered
+    allow_origins: tuple[str, ...] = ()  # other sites whose pages may POST here, e.g. "http://localhost:3000"
 
     def __post_init__(self):
-        if not (isinstance(self.max_batch, int) and self.max_batch >= 1):
-            raise VisionRecipeError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        if self.max_request_megapixels is None:
+            self.max_request_megapixels = max(100.0, self.max_megapixels)
+        for name in ("max_batch", "max_files", "decode_threads"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise VisionRecipeError(f"{name} must be a positive integer, got {value!r}")
         checks = {"max_wait_ms": (self.max_wait_ms >= 0, "non-negative"),  # NaN fails every comparison
                   "max_upload_mb": (self.max_upload_mb > 0, "positive"),
-                  "max_megapixels": (self.max_megapixels > 0, "positive")}
+                  "max_megapixels": (self.max_megapixels > 0, "positive"),
+                  "max_request_megapixels": (self.max_request_megapixels >= self.max_megapixels,
+                                             f"at least max_megapixels ({self.max_megapixels:g})")}
         for name, (ok, what) in checks.items():
             if not ok:
                 raise VisionRecipeError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        self.allow_origins = tuple(normalize_origin(origin) for origin in self.allow_origins)
 
 
 # ---------------------------------------------------------------- micro-batching
@@ -128,82 +147,16 @@ class MicroBatcher:
                     future.set_result(row)
 
 
-# ---------------------------------------------------------------- upload checks
-
-class UploadLimit:
-    """ASGI middleware: a request body over max_bytes gets 413 before it reaches the parser.
-
-    The body is still read (and dropped) up to a cap, so the client, which sends before it
-    reads, sees the 413 instead of a reset connection.
-    """
-
-    DRAIN_CAP = 256 * 2**20
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._drain(receive, 0)
-            response = JSONResponse({"detail": self._message(int(length))}, status_code=413)
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    if message.get("more_body"):
-                        seen = await self._drain(receive, seen)
-                    raise HTTPException(413, self._message(seen))
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-    async def _drain(self, receive, seen: int) -> int:
-        while seen < self.DRAIN_CAP:
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        return seen
-
-    def _message(self, size: int) -> str:
-        return (f"upload of {size / 2**20:.1f} MiB is over the server's limit of "
-                f"{self.max_bytes / 2**20:g} MiB (--max-upload-mb)")
-
-
-def check_image_header(data: bytes, name: str, max_pixels: int) -> None:
-    """Reject, before decoding, what is not an image or would decode to too many pixels."""
-    if not data:
-        raise HTTPException(400, f"{name}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                width, height = img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise HTTPException(413, f"{name}: image has too many pixels (decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise HTTPException(415, f"{name}: not an image (expected PNG, JPEG, WebP, BMP, GIF or TIFF)") from None
-    except Exception as exc:  # a damaged header: PIL raises many types
-        raise HTTPException(400, f"{name}: unreadable image ({' '.join(str(exc).split())[:200]})") from None
-    if width * height > max_pixels:
-        raise HTTPException(413, f"{name}: image is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
-                                 f"over the limit of {max_pixels / 1e6:g} (--max-megapixels)")
-
-
 # ---------------------------------------------------------------- the app
 
 def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
     """A FastAPI app around a predict.TorchClassifier or onnx_runtime.OnnxClassifier."""
     settings = settings or ServeSettings()
     max_pixels = int(settings.max_megapixels * 1e6)
+    request_pixels = int(settings.max_request_megapixels * 1e6)
+    # PIL's own guard is process-wide and refuses above twice its value whatever we check, so it
+    # follows --max-megapixels: higher admits bigger images, lower stops bombs in PIL itself.
+    Image.MAX_IMAGE_PIXELS = max_pixels
     counters = {"requests": 0, "images": 0, "rejected": 0}
     state: dict = {}
 
@@ -214,6 +167,7 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
         warmup = np.zeros((1, *classifier.input_size), dtype=np.uint8)
         await asyncio.get_running_loop().run_in_executor(executor, classifier.probabilities, warmup)
         state["executor"] = executor
+        state["decoder"] = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         worker = None
         if settings.batching:
             state["batcher"] = MicroBatcher(classifier.probabilities, executor, settings.max_batch,
@@ -223,10 +177,15 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
         if worker is not None:
             worker.cancel()
         executor.shutdown(wait=False, cancel_futures=True)
+        state["decoder"].shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="visionrecipe", lifespan=lifespan,
                   description=f"Image classification with {classifier.name} ({len(classifier.classes)} classes).")
+    # Each add wraps the app so far: the guard runs first, then CORS, then the body limit.
     app.add_middleware(UploadLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+    if settings.allow_origins:  # lets the allowed sites' pages read the answers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allow_origins), allow_methods=["GET", "POST"])
+    app.add_middleware(ClientGuard, loopback=is_loopback(settings.host), allow_origins=settings.allow_origins)
 
     @app.exception_handler(StarletteHTTPException)
     async def count_rejections(request, exc: StarletteHTTPException):
@@ -238,12 +197,29 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
         counters["rejected"] += 1
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    async def decode(upload: UploadFile) -> np.ndarray:
-        name = upload.filename or "upload"
-        data = await upload.read()
-        check_image_header(data, name, max_pixels)
+    async def read_uploads(uploads: list[UploadFile]) -> list[tuple[str, bytes]]:
+        """(name, bytes) of every upload; 413 before anything is decoded when the request asks too much."""
+        if len(uploads) > settings.max_files:
+            raise HTTPException(413, f"{len(uploads)} files in one request, over the limit of "
+                                     f"{settings.max_files} (--max-files)")
+        named, total = [], 0
+        for upload in uploads:
+            name = upload.filename or "upload"
+            data = await upload.read()
+            total += image_pixels(data, name, max_pixels)
+            if total > request_pixels:
+                raise HTTPException(413, f"the images of this request add up to over the limit of "
+                                         f"{settings.max_request_megapixels:g} megapixels (--max-request-megapixels)")
+            named.append((name, data))
+        return named
+
+    async def decode(name: str, data: bytes) -> np.ndarray:
+        """One upload to uint8 C×H×W on the shared decode pool, as classifier.decode would, but only
+        from ACCEPTED_FORMATS (tests/test_predict.py checks read_image_array against both runtimes)."""
+        channels, size = classifier.input_size[0], classifier.input_size[1]
+        work = partial(read_image_array, data, image_size=size, channels=channels, formats=ACCEPTED_FORMATS)
         try:
-            return await asyncio.to_thread(classifier.decode, data)
+            return await asyncio.get_running_loop().run_in_executor(state["decoder"], work)
         except VisionRecipeError as exc:  # truncated or corrupt pixel data
             reason = str(exc).removeprefix("unreadable image image bytes: ")
             raise HTTPException(400, f"{name}: unreadable image ({reason})") from None
@@ -251,11 +227,11 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
     async def classify(uploads: list[UploadFile]) -> np.ndarray:
         batcher = state.get("batcher")
         if batcher is None:
-            images = [await decode(upload) for upload in uploads]
+            images = [await decode(*named) for named in await read_uploads(uploads)]
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(state["executor"], classifier.probabilities, np.stack(images))
         with batcher.arriving():
-            images = [await decode(upload) for upload in uploads]
+            images = [await decode(*named) for named in await read_uploads(uploads)]
         return np.stack(await batcher.submit(images))
 
     @app.post("/predict", summary="Top-k classes for one or more uploaded images")
@@ -288,7 +264,10 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                 "tta": bool(meta.get("tta", False)),
                 "batching": {"enabled": settings.batching, "max_batch": settings.max_batch,
                              "max_wait_ms": settings.max_wait_ms},
-                "limits": {"max_upload_mb": settings.max_upload_mb, "max_megapixels": settings.max_megapixels}}
+                "limits": {"max_upload_mb": settings.max_upload_mb, "max_megapixels": settings.max_megapixels,
+                           "max_files": settings.max_files,
+                           "max_request_megapixels": settings.max_request_megapixels,
+                           "formats": list(ACCEPTED_FORMATS)}}
 
     page = resources.files("visionrecipe").joinpath("static/index.html").read_text(encoding="utf-8")
 

@@ -2,10 +2,13 @@
 
     visionrecipe serve runs/digits                        # http://127.0.0.1:8000 (page at /, docs at /docs)
     visionrecipe serve runs/digits/model.onnx --port 9000 --max-batch 64 --max-wait-ms 2
-    visionrecipe serve runs/digits --no-batching --max-upload-mb 5
+    visionrecipe serve runs/digits --no-batching --max-upload-mb 5 --max-files 10
+    visionrecipe serve runs/digits --allow-origin http://localhost:3000   # a web app there may post here
     curl -F files=@a.png -F files=@b.png 'http://127.0.0.1:8000/predict?topk=3'
 
-Binds to loopback unless --host says otherwise (e.g. --host 0.0.0.0 to serve a network).
+Binds to loopback unless --host says otherwise (e.g. --host 0.0.0.0 to serve a network). On
+loopback it answers only requests addressed to localhost, 127.0.0.1 or [::1]; in any case a
+browser page from another site may not post to it unless --allow-origin names that site.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ def cmd_serve(args) -> int:
         raise VisionRecipeError("serving needs fastapi and uvicorn: pip install 'visionrecipe[serve]'") from None
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
-                             batching=not args.no_batching)
+                             max_files=args.max_files, max_request_megapixels=args.max_request_megapixels,
+                             decode_threads=args.decode_threads, batching=not args.no_batching,
+                             host=args.host, allow_origins=tuple(args.allow_origin))
     check_port(args.host, args.port)
     classifier = load_classifier(args.model, device=args.device)
     app = create_app(classifier, settings)
@@ -69,6 +74,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB (default 10)")
     p.add_argument("--max-megapixels", type=float, default=40.0,
                    help="largest image, refused before decoding (default 40)")
+    p.add_argument("--max-files", type=int, default=100, help="most images in one request (default 100)")
+    p.add_argument("--max-request-megapixels", type=float, default=None,
+                   help="most pixels in one request, all images together (default: 100 or --max-megapixels)")
+    p.add_argument("--decode-threads", type=int, default=2,
+                   help="images decoded at once over all requests; bounds decoding memory (default 2)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a site whose pages may post here, e.g. http://localhost:3000 (repeatable)")
     p.add_argument("--no-batching", action="store_true", help="one forward pass per request")
     p.add_argument("--device", default="auto", help="for a run directory: cpu, cuda, mps or auto")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
