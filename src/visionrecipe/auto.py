@@ -7,8 +7,11 @@
 Stages, one line each: doctor (stop on a failed check unless `force`; only its data checks on a
 budget under 10 minutes, see FULL_DOCTOR_MIN_BUDGET), tune (a share of what is left of the
 budget, cut into trials of equal training time), train the best configuration (validation carved
-from train as usual, for model selection) with the rest of the time as its time budget, evaluate on the test split, export to ONNX, write the
-report. The detailed output of each stage goes to out/auto.log; out/auto.json holds the summary.
+from train as usual, for model selection) with the rest of the time as its time budget, evaluate on
+the test split, export to ONNX, write the report. The model handed over is never worse on
+validation than the best trial: when the retrain cannot beat it (too little time left) or does not,
+the trial's own weights are kept, and the train line says which model and why. The detailed
+output of each stage goes to out/auto.log; out/auto.json holds the summary (`model` says which).
 
 Layout: out/doctor (doctor.json and pictures), out/tune (the study, trials, best.yaml,
 tune_report.html), out/final (the run directory: model, eval.json, model.onnx, report.html).
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import atomic_write_text
+from .rundir import atomic_write_text
 from .config import Config, apply_overrides
 from .errors import VisionRecipeError
 
@@ -119,7 +122,7 @@ def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
     tune_budget = options.tune_share * stages.left()
     result = stages.run("tune", lambda: tune_stage(base, out / "tune", tune_budget, options))
     final = out / "final"
-    run = stages.run("train", lambda: train_stage(base, result, final, stages.left()))
+    run, chosen = stages.run("train", lambda: train_stage(base, result, final, stages.left()))
     metrics = stages.run("evaluate", lambda: evaluate_stage(final, options.device))
     summary["test_accuracy"] = metrics["accuracy"]
     if (out / "doctor" / "doctor.json").is_file():  # the report shows the doctor's verdicts
@@ -128,11 +131,12 @@ def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
     summary["report"] = stages.run("report", lambda: report_stage(final))
     total = time.time() - stages.start
     summary.update(stages=stages.seconds, seconds=round(total, 1), run=str(run.path),
-                   best_trial=result.best_trial, best_val_acc=result.best_value)
+                   best_trial=result.best_trial, best_val_acc=result.best_value, model=chosen,
+                   val_acc=max(r["val_acc"] for r in run.metrics))
     atomic_write_text(out / "auto.json", json.dumps(summary, indent=2))
     where = ", ".join(f"{name} {sec:.0f}s" for name, sec in stages.seconds.items())
     print(f"auto: test accuracy {100 * metrics['accuracy']:.2f}% in {total:.0f}s of {options.time_budget:.0f}s "
-          f"({where}); model {final}", flush=True)
+          f"({where}); model {final} ({chosen})", flush=True)
     return summary
 
 
@@ -212,17 +216,54 @@ def trial_budget(tune_budget: float) -> float:
 
 def train_stage(base: dict, result, final: Path, seconds_left: float):
     """The best configuration, trained for the time that is left: longer than its trial (which
-    had a fraction of the tune's share), with the trainer planning the schedule to fit."""
+    had a fraction of the tune's share), with the trainer planning the schedule to fit.
+
+    The model handed over is never worse on validation than the best trial: when the time left is
+    shorter than that trial's own training, or the retrain ends below its val_acc, the trial's run
+    directory (weights of its best epoch) becomes `final` instead, and the line says why.
+    """
     from .trainer import train
 
     reserve = max(RESERVE_MIN_S, RESERVE_FRACTION * seconds_left)
     seconds = max(1.0, seconds_left - reserve)
+    trial = best_trial_run(result)
+    if trial is not None and seconds < trial["seconds"]:
+        return hand_over_trial(trial, final, f"{seconds:.0f}s left cannot beat its {trial['seconds']:.0f}s "
+                                             "of training, so no retrain")
     settings = dict(result.best_config or base)
     settings.update(out=str(final), overwrite=True, progress=False, report=False, time_budget=seconds)
     run = train(Config.from_dict(settings), evaluate_test=False)
     best = max(run.metrics, key=lambda r: r["val_acc"])
-    return run, (f"{settings.get('model') or 'the recipe default'} for {seconds:.0f}s ({run.metrics[-1]['epoch']} "
+    retrained = (f"{settings.get('model') or 'the recipe default'} for {seconds:.0f}s ({run.metrics[-1]['epoch']} "
                  f"epochs): best val_acc {100 * best['val_acc']:.2f}% (epoch {best['epoch']})")
+    if trial is not None and best["val_acc"] < trial["val_acc"]:
+        return hand_over_trial(trial, final, f"the retrain reached less: {retrained}")
+    return (run, "retrained"), retrained + "; the retrained model is handed over"
+
+
+def best_trial_run(result) -> dict | None:
+    """The best trial's run directory, val_acc and training seconds, when its weights are there."""
+    if result.best_trial is None or result.best_value is None:
+        return None
+    path = Path(result.out) / "trials" / f"{result.best_trial:04d}"
+    metrics_file = path / "metrics.jsonl"
+    if not (path / "model.json").is_file() or not metrics_file.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return {"number": result.best_trial, "path": path, "val_acc": result.best_value,
+            "seconds": records[-1]["elapsed_s"] if records else 0.0}
+
+
+def hand_over_trial(trial: dict, final: Path, why: str):
+    """Copy the trial's run directory to `final` (its config says where it now lives)."""
+    from .config import load_config, save_config
+    from .run import Run
+
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(trial["path"], final, ignore=shutil.ignore_patterns("state.pt", "train.log"))
+    save_config(load_config(final / "config.yaml", {"out": str(final)}), final / "config.yaml")
+    chosen = f"trial {trial['number']}'s model"
+    return (Run(final), chosen), f"kept {chosen} (val_acc {100 * trial['val_acc']:.2f}%): {why}"
 
 
 def evaluate_stage(run_dir: Path, device: str) -> tuple[dict, str]:
