@@ -19,6 +19,18 @@ def run_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProce
                           text=True, cwd=cwd, timeout=timeout, env=full_env)
 
 
+def run_cli_with_file_limit(*args, max_bytes: int, timeout=600) -> subprocess.CompletedProcess:
+    """run_cli under `ulimit -f`: writing a file past `max_bytes` fails with EFBIG (Python ignores
+    SIGXFSZ), as a full disk fails a write."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return subprocess.run([sys.executable, "-m", "visionrecipe", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=limit)
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
     """seedcnn trained on digits for a few epochs: the run directory."""

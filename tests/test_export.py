@@ -144,3 +144,15 @@ def test_bad_requests_are_one_line_errors(digits_run, tmp_path):
         export_model(digits_run, format="tflite")
     with pytest.raises(VisionRecipeError, match="unsupported ONNX opset 99"):
         export_model(digits_run, opset=99)
+
+
+def test_write_failure_is_one_line_and_leaves_no_partial_file(digits_run, tmp_path):
+    from conftest import run_cli_with_file_limit
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    before = sorted(p.name for p in run.iterdir())
+    proc = run_cli_with_file_limit("export", run, max_bytes=500_000)  # the 2.4 MB graph does not fit
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: could not write {run / 'model.onnx'}: File too large"]
+    assert sorted(p.name for p in run.iterdir()) == before  # no model.onnx, no temporary file

@@ -238,3 +238,125 @@ def test_train_on_folder_with_bad_files_finishes_and_names_them(tmp_path):
     for name in bad:
         assert name in proc.stderr
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["num_images"] > 0
+
+
+# ------------------------------------------------------------------- the run directory, guarded
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes: 'nothing was deleted or changed' is one comparison."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_run(digits_run: Path, where: Path) -> Path:
+    shutil.copytree(digits_run, where)
+    (where / ".visionrecipe.lock").unlink(missing_ok=True)  # a copy is not locked by anyone
+    return where
+
+
+def test_overwrite_never_empties_a_folder_that_is_not_a_run(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "config.yaml").write_text("lr: 0.1\n")  # looks like a run to a careless check
+    (proj / "src" / "main.py").write_text("print('my work')\n")
+    before = snapshot(proj)
+    for data in (tmp_path / "does-not-exist", "digits"):
+        code, err = cli(capsys, "train", "--data", data, "--model", "seedcnn", "--epochs", 1, "--no-progress",
+                        "--out", proj, "--overwrite")
+        assert (code, err) == (2, [f"error: --overwrite replaces only run directories made by visionrecipe train, "
+                                   f"and {proj} has no .visionrecipe-run marker; choose another --out"])
+        assert snapshot(proj) == before
+
+
+def test_overwrite_with_bad_data_deletes_nothing(digits_run, tmp_path, capsys):
+    run = copy_run(digits_run, tmp_path / "run")
+    before = snapshot(run)
+    code, err = cli(capsys, "train", "--data", tmp_path / "does-not-exist", "--out", run, "--overwrite")
+    assert code == 2 and len(err) == 1 and "does-not-exist" in err[0]
+    assert snapshot(run) == before
+
+
+def test_overwrite_refuses_a_run_holding_a_users_file(digits_run, tmp_path, capsys):
+    run = copy_run(digits_run, tmp_path / "run")
+    (run / "notes.txt").write_text("mine")
+    before = snapshot(run)
+    assert cli(capsys, *digits_args(run, "--epochs", 1, "--overwrite")) == (2, [
+        f"error: --overwrite deletes only a run's own files, and {run} also holds notes.txt; "
+        "move it away or choose another --out"])
+    assert snapshot(run) == before
+
+
+def test_overwrite_refuses_the_current_and_home_folders_and_the_datas(digits_run, tmp_path, capsys, monkeypatch):
+    run = copy_run(digits_run, tmp_path / "run")
+    images = run / "images"  # a folder dataset kept inside the run directory
+    for label in ("a", "b"):
+        (images / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(images / label / f"{i}.png")
+    before = snapshot(run)
+    monkeypatch.chdir(run)
+    code, err = cli(capsys, *digits_args(Path("."), "--epochs", 1, "--overwrite"))
+    assert (code, err) == (2, ["error: --overwrite will not clear .: it is the current folder; choose another --out"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(run))
+    code, err = cli(capsys, *digits_args(run, "--epochs", 1, "--overwrite"))
+    assert (code, err) == (2, [f"error: --overwrite will not clear {run}: it is your home folder; choose another --out"])
+    monkeypatch.delenv("HOME")
+    code, err = cli(capsys, "train", "--data", images, "--out", run, "--overwrite")
+    assert (code, err) == (2, [f"error: --overwrite will not clear {run}: it holds the data {images}; "
+                               "choose another --out"])
+    assert snapshot(run) == before
+
+
+def test_overwrite_replaces_a_previous_run(digits_run, tmp_path, capsys):
+    run = copy_run(digits_run, tmp_path / "run")
+    (run / "report.html").write_text("<html>old</html>")
+    (run / ".model.safetensors.x1y2z3.tmp").write_bytes(b"left by a kill")
+    code, _ = cli(capsys, *digits_args(run, "--epochs", 1, "--overwrite"))
+    assert code == 0
+    assert not (run / "report.html").exists() and not list(run.glob(".*.tmp"))  # the old run's files are gone
+    assert len(metrics_without_timing(run)) == 1 and (run / ".visionrecipe-run").is_file()
+
+
+def test_second_train_into_a_running_runs_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    first_args = digits_args(out, "--epochs", 200)
+    first = start_cli(*first_args)
+    try:
+        for line in first.stdout:
+            if line.startswith("Epoch 1/"):
+                break
+        holder = f"pid {first.pid} (visionrecipe {' '.join(map(str, first_args))})"
+        second = run_cli(*digits_args(out, "--epochs", 1, "--overwrite"))
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"error: run directory {out} is in use by {holder}; wait for it to finish or choose another directory"]
+        code, err = cli(capsys, "evaluate", out)  # evaluate writes eval.json into the run: refused too
+        assert code == 2 and err == [f"error: run directory {out} is in use by {holder}; wait for it to finish "
+                                     "or choose another directory"]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    epochs = [row["epoch"] for row in metrics_without_timing(out)]
+    assert epochs == list(range(1, len(epochs) + 1)) and epochs  # one writer: 1, 2, 3, never 1, 1, 2
+
+
+def test_resume_checks_the_config_file_like_flags(digits_run, tmp_path, capsys):
+    run = copy_run(digits_run, tmp_path / "run")
+    other = tmp_path / "other.yaml"
+    other.write_text("optim:\n  epochs: 9\n")
+    assert cli(capsys, "train", "--resume", run, "--config", other) == (2, [
+        "error: cannot change epochs on resume (the run was planned with 6); "
+        "start a new run, or use --weights to fine-tune from it"])
+    code, err = cli(capsys, "train", "--resume", run, "--config", run / "config.yaml")  # the run's own: no change
+    assert code == 0, err
+
+
+def test_write_failure_is_one_line_error_and_keeps_earlier_files(tmp_path):
+    from conftest import run_cli_with_file_limit
+
+    out = tmp_path / "run"
+    # 200 KB: config.yaml and metrics.jsonl fit, the 2.4 MB weights do not (as on a full disk).
+    proc = run_cli_with_file_limit(*digits_args(out, "--epochs", 2), max_bytes=200_000)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: could not write {out / 'last.safetensors'}: File too large"]
+    assert [row["epoch"] for row in metrics_without_timing(out)] == [1]
+    assert "seedcnn" in (out / "config.yaml").read_text()
+    assert not (out / "last.safetensors").exists() and not list(out.glob(".*.tmp"))  # no partial file

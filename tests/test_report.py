@@ -141,3 +141,29 @@ def test_training_writes_tensorboard_events_and_the_report(tmp_path):
     assert {"train_loss", "val_loss", "val_acc", "lr"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("val_acc")] == [1, 2]
     assert report_data(out)["result"]["accuracy"] == json.loads((out / "eval.json").read_text())["accuracy"]
+
+
+def test_torn_last_metrics_line_does_not_stop_the_report(report_run, tmp_path):
+    from visionrecipe.run import Run
+
+    run = tmp_path / "run"
+    shutil.copytree(report_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 7, "train_lo')  # a crash in the middle of epoch 7's append
+    assert [m["epoch"] for m in Run(run).metrics] == [1, 2, 3, 4, 5, 6]
+    write_report(run)
+    assert report_data(run)["epochs"] == 6
+
+
+def test_report_write_failure_is_one_line_and_leaves_no_partial_file(report_run, tmp_path):
+    from conftest import run_cli_with_file_limit
+
+    run = tmp_path / "run"
+    shutil.copytree(report_run, run)
+    figures = {p.name: p.read_bytes() for p in run.glob("*.png")} | {"report.html": (run / "report.html").read_bytes()}
+    assert len(figures) == 5
+    proc = run_cli_with_file_limit("report", run, max_bytes=20_000)  # eval.json fits, the curves do not
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: could not write {run / 'curves.png'}: File too large"]
+    assert {name: (run / name).read_bytes() for name in figures} == figures  # earlier files intact
+    assert not list(run.glob(".*.tmp"))

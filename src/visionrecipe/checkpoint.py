@@ -8,8 +8,8 @@ A model is two files side by side: ``model.safetensors`` (tensors only, nothing 
     model, meta = load_model(run_dir)                   # a run dir, a .safetensors or a .json path
     save_state(run_dir / "state.pt", {...}); load_state(run_dir / "state.pt")
 
-Every write goes to a temporary file in the same folder, is fsync'ed, then renamed over the
-target, so a kill at any moment leaves the previous file intact.
+Every write goes through rundir.atomic_write_bytes (a temporary file in the same folder,
+fsync'ed, then renamed over the target), so a kill at any moment leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from .errors import VisionRecipeError
+from .rundir import atomic_write_bytes, atomic_write_text
 
 FORMAT = "visionrecipe"
 FORMAT_VERSION = 1
-# mkstemp creates files as 0600; checkpoints get the mode an ordinary open() would give them.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself is durable only once the directory entry is flushed.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_model(run_dir: Path, stem: str, model: torch.nn.Module, meta: dict) -> None:

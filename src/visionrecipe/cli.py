@@ -34,17 +34,23 @@ def cmd_train(args) -> int:
 
         return launch(args.nproc, args.argv)
     if args.resume:
-        typed = {k: v for k, v in vars(args).items() if k in _config_fields()}
-        resume(args.resume, **typed)
+        resume(args.resume, **resume_settings(args))
     else:
         train(config_from_args(args))
     return 0
 
 
-def _config_fields():
-    from .config import FIELDS
+def resume_settings(args) -> dict:
+    """The settings a `--resume` was given: the --config file's, then the flags typed over them.
+    All go through the resume's "would this change the run" check, none is silently dropped."""
+    from .config import FIELDS, Config, flatten, read_yaml_mapping
 
-    return FIELDS
+    settings = {}
+    if args.config:
+        settings = flatten(read_yaml_mapping(args.config, "config file", "hold a mapping of settings"))
+        Config.from_dict(settings)  # unknown names and bad values: the same errors as without --resume
+    settings.update({k: v for k, v in vars(args).items() if k in FIELDS})
+    return settings
 
 
 def cmd_evaluate(args) -> int:
@@ -69,8 +75,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .checkpoint import atomic_write_text
     from .predict import format_rows, predict
+    from .rundir import atomic_write_text
 
     rows = predict(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size, device=args.device,
                    progress=True, threshold=args.threshold)

@@ -222,7 +222,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from .checkpoint import atomic_write_text
+    from .rundir import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -83,17 +83,17 @@ def check_before_launch(argv: list[str], nproc: int) -> list[str]:
     """The checks a worker would fail on, done once here so the error is one line (torchrun
     would wrap it in a page of its own); returns argv with the run directory spelled out, so
     every process uses the same one (the default name holds the time)."""
-    from .cli import build_parser
-    from .config import FIELDS, config_from_args, resolve_recipe
+    from .cli import build_parser, resume_settings
+    from .config import config_from_args, resolve_recipe
     from .models import get_spec
-    from .run import prepare_run_dir
     from .resume_state import plan_resume
+    from .rundir import check_run_dir
 
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) != "train":
         raise VisionRecipeError("--nproc applies to `visionrecipe train` only")
     if args.resume:
-        _, cfg, _ = plan_resume(args.resume, {k: v for k, v in vars(args).items() if k in FIELDS})
+        _, cfg, _ = plan_resume(args.resume, resume_settings(args))
     else:
         cfg = config_from_args(args)
     cfg = resolve_recipe(cfg)
@@ -103,7 +103,7 @@ def check_before_launch(argv: list[str], nproc: int) -> list[str]:
                                 f"multiple of --nproc {nproc}")
     if args.resume:
         return argv  # the workers read state.pt first thing, before any data
-    out = prepare_run_dir(cfg)  # writable, room, no overwrite without --overwrite
+    out = check_run_dir(cfg)  # refusals only: rank 0 creates (or clears) it once the data is read
     return [*argv, "--out", str(out)]
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import BatchAugment
-from .checkpoint import atomic_write_text
+from .rundir import atomic_write_text
 from .config import Config, resolve_crop_padding, resolve_recipe, resolve_device_defaults
 from .data import Dataset, channel_stats, load_dataset
 from .doctor_checks import (Check, check_batch_independence, check_batch_statistics, check_capacity,

@@ -116,9 +116,10 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
     result = {"split": split, "data": dataset.spec, "model": meta["architecture"], **scores,
               "classes": meta["classes"]}
     if write:
-        from .checkpoint import atomic_write_text
+        from .rundir import atomic_write_text, locked
 
-        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+        with locked(run_dir):  # a training run writes eval.json too: one writer at a time
+            atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     return (result, logits) if return_logits else result
 
 

@@ -19,6 +19,7 @@ VisionRecipeError is raised and nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -30,6 +31,7 @@ from torch import nn
 
 from .errors import VisionRecipeError
 from .onnx_runtime import describe_model, encode_metadata, normalize
+from .rundir import locked, publish, write_error
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -208,44 +210,49 @@ def export_model(run_dir, *, format: str = "onnx", out=None, opset: int = DEFAUL
         raise VisionRecipeError(f"output path {out} is a folder; name a file")
     if not out.parent.is_dir():
         raise VisionRecipeError(f"output folder {out.parent} does not exist")
-    description = describe_model(meta)
-    images, labels, verified_on = verification_images(run_dir, meta, data)
-    reference = predict_logits(model, images, meta["mean"], meta["std"], tta=description["tta"],
-                               device="cpu").numpy()
-    x = normalize(images.numpy(), meta["mean"], meta["std"])
-    module = DeployModule(model.cpu().eval(), description["tta"]).eval()
-    example = torch.from_numpy(x[:2].copy())
+    # Written into the run: not while another process writes there.
+    inside = run_dir.is_dir() and out.parent.resolve() == run_dir.resolve()
+    with locked(run_dir) if inside else contextlib.nullcontext():
+        description = describe_model(meta)
+        images, labels, verified_on = verification_images(run_dir, meta, data)
+        reference = predict_logits(model, images, meta["mean"], meta["std"], tta=description["tta"],
+                                   device="cpu").numpy()
+        x = normalize(images.numpy(), meta["mean"], meta["std"])
+        module = DeployModule(model.cpu().eval(), description["tta"]).eval()
+        example = torch.from_numpy(x[:2].copy())
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp_q = out.with_name(f".{out.name}.{os.getpid()}.int8.tmp")
-    try:
-        exported = _write_and_run(format, module, example, tmp, opset, description, x)
-        result = {"path": str(out), "format": format, "architecture": meta["architecture"],
-                  "verified_on": verified_on, "num_images": len(images), "tolerance": tolerance,
-                  "opset": opset if format == "onnx" else None, "tta": description["tta"],
-                  **compare_logits(reference, exported), "accuracy_pytorch": _accuracy(reference, labels),
-                  "accuracy_exported": _accuracy(exported, labels)}
-        allowed = tolerance * result["logit_scale"]
-        if result["max_abs_diff"] > allowed:
-            raise VisionRecipeError(
-                f"the {format} export disagrees with PyTorch on {verified_on}: largest logit difference "
-                f"{result['max_abs_diff']:.3g} > {allowed:.3g} (top-1 agreement "
-                f"{100 * result['top1_agreement']:.2f}%); nothing written")
-        if quantize:
-            _quantize(tmp, tmp_q, description)
-            quantized = _run_onnx(tmp_q, x)
-            accuracy = _accuracy(quantized, labels)
-            result["quantized"] = {"method": "dynamic int8 (onnxruntime quantize_dynamic)",
-                                   **compare_logits(exported, quantized), "accuracy": accuracy,
-                                   "accuracy_change": None if accuracy is None else
-                                   accuracy - result["accuracy_exported"],
-                                   "bytes_fp32": tmp.stat().st_size, "bytes_int8": tmp_q.stat().st_size}
-        os.replace(tmp_q if quantize else tmp, out)
-        result["bytes"] = out.stat().st_size
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_q.unlink(missing_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp_q = out.with_name(f".{out.name}.{os.getpid()}.int8.tmp")
+        try:
+            exported = _write_and_run(format, module, example, tmp, opset, description, x)
+            result = {"path": str(out), "format": format, "architecture": meta["architecture"],
+                      "verified_on": verified_on, "num_images": len(images), "tolerance": tolerance,
+                      "opset": opset if format == "onnx" else None, "tta": description["tta"],
+                      **compare_logits(reference, exported), "accuracy_pytorch": _accuracy(reference, labels),
+                      "accuracy_exported": _accuracy(exported, labels)}
+            allowed = tolerance * result["logit_scale"]
+            if result["max_abs_diff"] > allowed:
+                raise VisionRecipeError(
+                    f"the {format} export disagrees with PyTorch on {verified_on}: largest logit difference "
+                    f"{result['max_abs_diff']:.3g} > {allowed:.3g} (top-1 agreement "
+                    f"{100 * result['top1_agreement']:.2f}%); nothing written")
+            if quantize:
+                _quantize(tmp, tmp_q, description)
+                quantized = _run_onnx(tmp_q, x)
+                accuracy = _accuracy(quantized, labels)
+                result["quantized"] = {"method": "dynamic int8 (onnxruntime quantize_dynamic)",
+                                       **compare_logits(exported, quantized), "accuracy": accuracy,
+                                       "accuracy_change": None if accuracy is None else
+                                       accuracy - result["accuracy_exported"],
+                                       "bytes_fp32": tmp.stat().st_size, "bytes_int8": tmp_q.stat().st_size}
+            publish(tmp_q if quantize else tmp, out)  # fsync'ed, renamed, the rename flushed
+            result["bytes"] = out.stat().st_size
+            return result
+        except OSError as exc:  # disk full or a file-size limit while writing the temporary files
+            raise write_error(out, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+            tmp_q.unlink(missing_ok=True)
 
 
 def _write_and_run(format: str, module: nn.Module, example: torch.Tensor, path: Path, opset: int,
@@ -257,7 +264,7 @@ def _write_and_run(format: str, module: nn.Module, example: torch.Tensor, path: 
             return _run_onnx(path, x)
         _write_torchscript(module, example, path, description)
         return _run_torchscript(path, x)
-    except VisionRecipeError:
+    except (VisionRecipeError, OSError):  # a failed write is the caller's to name
         raise
     except Exception as exc:  # exporters raise many types for unsupported layers or opsets
         # First line only: the TorchScript exporter appends the whole IR graph to its messages.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from matplotlib.figure import Figure  # an ImportError here tells the trainer to skip the report
 
 from .errors import VisionRecipeError
+from .rundir import atomic_write_bytes, atomic_write_text, locked, read_metrics
 
 MISTAKES = 18  # gallery size: the highest-confidence wrong test predictions
 ACCENT = "#2563eb"
@@ -34,9 +36,12 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def save_figure(fig, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=100)
-    return path
+def save_figure(fig, path: Path) -> bytes:
+    """Write the figure as a PNG, atomically (never half a picture on disk); returns the PNG bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def image_grid(images: list, ncols: int, *, titles: list[str] | None = None, colors: list[str] | None = None,
@@ -147,21 +152,24 @@ def worst_mistakes(logits: torch.Tensor, labels: torch.Tensor, k: int = MISTAKES
 
 def write_report(run_dir: str | Path, dataset=None) -> Path:
     """Evaluate the run on its test split (rewriting eval.json) and write report.html with its PNGs."""
-    from .checkpoint import atomic_write_text, load_model
-    from .evaluate import evaluate_run, load_run_dataset
-    from .models import count_parameters
-
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "model.json").is_file():
         raise VisionRecipeError(f"{run_dir} is not a run directory with a trained model (model.json missing)")
+    with locked(run_dir):  # no other process writes the run meanwhile (a training run, another report)
+        return _write_report(run_dir, dataset)
+
+
+def _write_report(run_dir: Path, dataset) -> Path:
+    from .checkpoint import load_model
+    from .evaluate import evaluate_run, load_run_dataset
+    from .models import count_parameters
+
     model, meta = load_model(run_dir)
     if dataset is None:
         dataset = load_run_dataset(run_dir, meta)
     result, logits = evaluate_run(run_dir, dataset=dataset, return_logits=True)
     multilabel = result.get("task") == "multilabel"
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
+    metrics = read_metrics(run_dir)
     classes, labels = result["classes"], dataset.test.labels
 
     figures, mistakes = {}, []
@@ -175,7 +183,7 @@ def write_report(run_dir: str | Path, dataset=None) -> Path:
             titles = [f"true {classes[labels[i]]}\npred {classes[p]} {100 * c:.0f}%" for i, p, c in mistakes]
             figures["mistakes"] = image_grid([dataset.test.images[i] for i, _, _ in mistakes], 6, titles=titles,
                                              colors=["#b91c1c"] * len(titles), cell=1.25)
-    pngs = {name: save_figure(fig, run_dir / f"{name}.png").read_bytes() for name, fig in figures.items()}
+    pngs = {name: save_figure(fig, run_dir / f"{name}.png") for name, fig in figures.items()}
     doctor_path = run_dir / "doctor.json"
     page = {
         "run": run_dir.name, "data": result["data"], "model": meta["architecture"],

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, apply_overrides, save_config
 from .errors import VisionRecipeError
+from .rundir import truncate_metrics
 from .system import log, warn
 
 
@@ -164,10 +165,8 @@ def load_state(trainer, state: dict) -> None:
         warn(f"note: resuming a {state['world_size']}-process run with {trainer.world.size}: same batches "
              "and data order, but dropout draws differ from an uninterrupted run")
     if trainer.world.is_main:
-        # metrics.jsonl may hold epochs written after this state was saved: drop them.
-        metrics = trainer.run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        ckpt.atomic_write_text(metrics, "".join(line + "\n" for line in lines[:trainer.epoch]))
+        # metrics.jsonl may hold epochs written after this state was saved (or a torn line): drop them.
+        truncate_metrics(trainer.run_dir, trainer.epoch)
         if trainer.changed:
             from .config import load_config
 

@@ -39,7 +39,8 @@ from .monitor import nan_injection_steps, open_tensorboard, progress_bar
 from .multilabel import check_task, compute_multilabel_metrics, init_prior_bias, task_loss
 from .optim import EMA, build_optimizer, small_data_batch
 from .resume_state import STATE_KEYS, data_fingerprint, load_state, plan_resume, save_state
-from .run import Run, ensure_room, prepare_run_dir
+from .run import Run
+from .rundir import append_metrics, check_run_dir, ensure_room, prepare_run_dir, truncate_metrics, unlock
 from .schedule import lr_factor
 from .system import local_rank, log, select_device, set_threads, shutdown, warn, world
 
@@ -87,12 +88,12 @@ class Trainer:
             # Decode at the size the weights were trained at (also checks they exist, before decoding).
             cfg.data.image_size = pretrained_image_size(cfg, spec)
 
-        # Rank 0 names the directory (the default name holds the time) and the others follow it.
-        self.run_dir = Path(self.world.broadcast(str(prepare_run_dir(cfg, resume=self.resume_dir is not None))))
-        cfg.run.out = str(self.run_dir)
-        self.tensorboard = open_tensorboard(self.run_dir) if cfg.run.tensorboard and self.world.is_main else None
+        if self.resume_dir is not None:  # locked before its state is read: no other process writes it
+            self.open_run_dir(resume=True)
+        elif self.world.is_main:
+            check_run_dir(cfg)  # a refused --out fails now, before any data is decoded; nothing is written
         # The resume state is read before any data is decoded: a damaged file fails in a second.
-        state = ckpt.load_state(self.run_dir / "state.pt", STATE_KEYS) if self.resume_dir is not None else None
+        state = ckpt.load_state(self.resume_dir / "state.pt", STATE_KEYS) if self.resume_dir is not None else None
         with self.world.main_first():  # rank 0 decodes and caches a folder; the others read the cache
             self.data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
                                      val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,
@@ -106,6 +107,9 @@ class Trainer:
         _, channels, height, width = train_split.images.shape
         self.classes = self.data.classes
         check_task(cfg, self.data)
+        if self.resume_dir is None:
+            self.open_run_dir()  # every input is good: only now is the folder created, or cleared by --overwrite
+        self.tensorboard = open_tensorboard(self.run_dir) if cfg.run.tensorboard and self.world.is_main else None
         self.mean, self.std = channel_stats(train_split.images)
         self.data_fingerprint = data_fingerprint(self.data, self.mean, self.std)  # a resume must find the same
         options = {k: v for k, v in (("width", cfg.model.width), ("depth", cfg.model.depth)) if v is not None}
@@ -191,7 +195,12 @@ class Trainer:
             self.load_state(state)
         elif self.world.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
-            ckpt.atomic_write_text(self.run_dir / "metrics.jsonl", "")
+            truncate_metrics(self.run_dir, 0)  # an empty metrics.jsonl: no epoch yet
+
+    def open_run_dir(self, resume: bool = False) -> None:
+        """Rank 0 prepares and locks the directory (the default name holds the time); the others follow it."""
+        self.run_dir = Path(self.world.broadcast(str(prepare_run_dir(self.cfg, resume=resume))))
+        self.cfg.run.out = str(self.run_dir)
 
     def wrap_model(self) -> torch.nn.Module:
         model = self.model
@@ -225,6 +234,7 @@ class Trainer:
                 restore_signal_handlers(old_handlers)
             return self.finish()
         finally:
+            unlock(getattr(self, "run_dir", None))  # a no-op where this process holds no lock
             shutdown()
 
     def run_epoch(self) -> None:
@@ -374,7 +384,7 @@ class Trainer:
         log(f"Epoch {self.epoch}/{cfg.optim.epochs}  loss {train_loss:.4f}  {self.eval_name}_loss {metrics['loss']:.4f}  "
             f"{self.eval_name}_acc {100 * metrics['accuracy']:.2f}%  lr {record['lr']:.1e}  {images_per_second:,.0f} img/s")
         if self.world.is_main:
-            ckpt.append_jsonl(self.run_dir / "metrics.jsonl", record)
+            append_metrics(self.run_dir, record)
             if self.tensorboard is not None:
                 for name, value in record.items():
                     self.tensorboard.add_scalar(name, value, self.epoch)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write_text
+from .rundir import atomic_write_text
 from .tune import TuneResult, best_trial, finished, format_value, score
 
 # best.yaml is for `train`: a normal run directory, progress bar and report, the user's threads.
