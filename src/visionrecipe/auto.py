@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .rundir import atomic_write_text
+from .rundir import atomic_write_text, read_metrics
 from .config import Config, apply_overrides
 from .errors import VisionRecipeError
 
@@ -246,10 +246,9 @@ def best_trial_run(result) -> dict | None:
     if result.best_trial is None or result.best_value is None:
         return None
     path = Path(result.out) / "trials" / f"{result.best_trial:04d}"
-    metrics_file = path / "metrics.jsonl"
-    if not (path / "model.json").is_file() or not metrics_file.is_file():
+    if not (path / "model.json").is_file() or not (path / "metrics.jsonl").is_file():
         return None
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = read_metrics(path)
     return {"number": result.best_trial, "path": path, "val_acc": result.best_value,
             "seconds": records[-1]["elapsed_s"] if records else 0.0}
 

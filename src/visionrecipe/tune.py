@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .rundir import atomic_write_text
 from .config import Config, apply_overrides, load_config, resolve_recipe
 from .errors import VisionRecipeError
 from .system import physical_cores

@@ -27,6 +27,9 @@ from pathlib import Path
 import PIL
 import torch
 
+from visionrecipe.errors import VisionRecipeError
+from visionrecipe.rundir import publish
+
 FORMAT_VERSION = 1  # bump when the stored dict or the decoding changes meaning
 
 
@@ -73,17 +76,17 @@ def load_cached(data_dir: Path, key: str, n_files: int) -> dict | None:
 
 
 def save_cached(data_dir: Path, key: str, entry: dict) -> None:
-    """Write atomically (temp file + os.replace); a failure only costs the next run time."""
+    """Write atomically (temp file, then rundir.publish); a failure only costs the next run time."""
     path = cache_path(data_dir, key)
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save({"version": FORMAT_VERSION, **entry}, f)
-        os.replace(tmp_name, path)
+            torch.save({"version": FORMAT_VERSION, **entry}, f)  # streamed: a CIFAR cache is 150 MB
+        publish(tmp_name, path)
         tmp_name = None
-    except OSError as exc:
+    except (OSError, VisionRecipeError) as exc:  # publish names the file in a VisionRecipeError
         warnings.warn(f"could not write tensor cache {path}: {exc}")
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):
