@@ -255,3 +255,21 @@ def test_a_second_study_in_one_out_is_refused_and_the_first_kept(tmp_path, space
     again = run_cli("tune", "--out", out, "--study", "a", "--trials", 2)  # the study itself continues
     assert again.returncode == 0, again.stderr
     assert len(trials_of(out, study="a")) == 2
+
+
+def test_auto_overwrite_never_deletes_a_users_file(tmp_path):
+    # An earlier auto's folder into which the user put a file of their own: --overwrite refuses
+    # instead of emptying it; a folder auto never made is refused too.
+    out = tmp_path / "auto"
+    (out / "final").mkdir(parents=True)
+    (out / "auto.log").write_text("earlier auto\n")
+    (out / "notes.txt").write_text("mine")
+    result = run_cli("auto", "--data", "digits", "--time-budget", 5, "--out", out, "--overwrite")
+    assert result.returncode == 2 and "notes.txt" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (out / "notes.txt").read_text() == "mine" and (out / "final").is_dir()
+    other = tmp_path / "project"
+    other.mkdir()
+    (other / "config.yaml").write_text("data: digits\n")
+    result = run_cli("auto", "--data", "digits", "--time-budget", 5, "--out", other, "--overwrite")
+    assert result.returncode == 2 and "no auto.log" in result.stderr and (other / "config.yaml").is_file()

@@ -91,6 +91,25 @@ def process_age() -> float:
         return 0.0
 
 
+AUTO_OUTPUTS = ("auto.log", "auto.json", "doctor", "tune", "final")  # everything auto writes into --out
+
+
+def clear_auto_output(out: Path) -> None:
+    """--overwrite replaces an earlier auto and nothing else: only a folder auto made (auto.log),
+    and only if it holds nothing but what auto writes, so no file a user owns is deleted."""
+    if not (out / "auto.log").is_file():
+        raise VisionRecipeError(f"{out} is not the output of an earlier auto (no auto.log); choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in AUTO_OUTPUTS)
+    if foreign:
+        raise VisionRecipeError(f"--overwrite deletes only what auto wrote, and {out} also holds {foreign[0]}; "
+                                "move it away or choose another --out")
+    for name in AUTO_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
 def auto(data: dict[str, Any], options: AutoOptions) -> dict:
     if not options.time_budget or options.time_budget <= 0:
         raise VisionRecipeError("auto needs a positive --time-budget in seconds")
@@ -100,9 +119,7 @@ def auto(data: dict[str, Any], options: AutoOptions) -> dict:
     if out.is_dir() and any(out.iterdir()):
         if not options.overwrite:
             raise VisionRecipeError(f"output directory {out} already exists; pass --overwrite to replace it")
-        if not (out / "auto.log").is_file():  # --overwrite replaces an earlier auto, nothing else
-            raise VisionRecipeError(f"{out} is not the output of an earlier auto (no auto.log); choose another --out")
-        shutil.rmtree(out)
+        clear_auto_output(out)
     out.mkdir(parents=True, exist_ok=True)
     base = {**data, "seed": options.seed, "device": options.device}
     apply_overrides(Config(), base)  # bad data settings fail here, before any stage
