@@ -53,8 +53,8 @@ def run_airbench(workdir: Path, epochs: float, runs: int) -> list[dict]:
 
 def run_visionrecipe(data: str, settings: dict, runs: int) -> list[dict]:
     from visionrecipe.config import Config, apply_overrides
-    from visionrecipe.evaluate import compute_metrics, predict_logits
-    from visionrecipe.trainer import Trainer
+    from visionrecipe.evaluate.scoring import compute_metrics, predict_logits
+    from visionrecipe.train.loop import Trainer
 
     results = []
     for run in range(runs + 1):  # run 0 is the warm-up

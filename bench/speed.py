@@ -135,8 +135,8 @@ def dataloader_loop(name: str, data: Path, budget: float, eval_every: float, thr
 def visionrecipe_loop(data: Path, budget: float, threads: int, extra: list[str]) -> dict:
     """(c): the library's default recipe; the test split is scored after every epoch, off the clock."""
     from visionrecipe.config import Config, apply_overrides
-    from visionrecipe.evaluate import compute_metrics, predict_logits
-    from visionrecipe.trainer import Trainer
+    from visionrecipe.evaluate.scoring import compute_metrics, predict_logits
+    from visionrecipe.train.loop import Trainer
 
     peak = matmul_gflops()
     settings = {"data": str(data), "time_budget": budget, "threads": threads, "progress": False,

@@ -176,7 +176,7 @@ def _crash(record):
 def stopped_run(tmp_path):
     """A 2-epoch run on a tiny folder that stopped after epoch 1, and a pristine copy of its data."""
     from visionrecipe.config import Config
-    from visionrecipe.trainer import Trainer
+    from visionrecipe.train.loop import Trainer
 
     root = tmp_path / "pics"
     make_classes(root, per_class=6, classes=["a", "b"], extras=False)

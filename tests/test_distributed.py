@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from visionrecipe import train
-from visionrecipe.checkpoint import load_model
+from visionrecipe.models.checkpoint import load_model
 from visionrecipe.data import load_dataset
-from visionrecipe.distributed import without_nproc, workers_status
-from visionrecipe.evaluate import compute_metrics, predict_logits
+from visionrecipe.train.launch import without_nproc, workers_status
+from visionrecipe.evaluate.scoring import compute_metrics, predict_logits
 
 SETTINGS = dict(data="digits", model="seedcnn", epochs=4, batch_size=64, seed=0)
 

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visionrecipe.augment import BatchAugment
+from visionrecipe.train.augment import BatchAugment
 from visionrecipe.cli import main
 from visionrecipe.data import channel_stats, load_dataset
-from visionrecipe.doctor_checks import (check_batch_independence, check_batch_statistics, check_capacity,
+from visionrecipe.doctor.checks import (check_batch_independence, check_batch_statistics, check_capacity,
                                         check_determinism, check_init_loss, check_input_dependence,
                                         check_overfit_batch, suggest_lr)
-from visionrecipe.doctor_data import check_leakage, data_checks, find_copies
+from visionrecipe.doctor.data_checks import check_leakage, data_checks, find_copies
 from visionrecipe.models import create_model
 
 from conftest import run_cli

@@ -12,14 +12,14 @@ import torch
 from conftest import run_cli
 from visionrecipe.cli import main
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.export import export_model
+from visionrecipe.deploy.export import export_model
 
 
 def _test_split(run_dir):
     """The run's full test split and the logits `evaluate` computes for it."""
-    from visionrecipe.checkpoint import load_model
+    from visionrecipe.models.checkpoint import load_model
     from visionrecipe.data import load_dataset
-    from visionrecipe.evaluate import predict_logits
+    from visionrecipe.evaluate.scoring import predict_logits
 
     model, meta = load_model(run_dir)
     test = load_dataset("digits", image_size=meta["input_size"][1], progress=False).test
@@ -28,7 +28,7 @@ def _test_split(run_dir):
 
 
 def _normalized(images, meta):
-    from visionrecipe.onnx_runtime import normalize
+    from visionrecipe.deploy.onnx_runtime import normalize
 
     return normalize(images.numpy(), meta["mean"], meta["std"])
 
@@ -87,7 +87,7 @@ def test_tta_is_inside_the_exported_graph(digits_run, tmp_path):
     meta = json.loads((run / "model.json").read_text())
     (run / "model.json").write_text(json.dumps({**meta, "tta": True}))
 
-    from visionrecipe.onnx_runtime import OnnxClassifier
+    from visionrecipe.deploy.onnx_runtime import OnnxClassifier
 
     out = tmp_path / "tta.onnx"
     export_model(run, out=out)
@@ -100,7 +100,7 @@ def test_tta_is_inside_the_exported_graph(digits_run, tmp_path):
 
 
 def test_disagreement_fails_and_leaves_nothing(digits_run, tmp_path, monkeypatch):
-    from visionrecipe import export
+    from visionrecipe.deploy import export
 
     real = export._run_onnx
     monkeypatch.setattr(export, "_run_onnx", lambda path, x: real(path, x) + 0.01)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from visionrecipe import train
 from visionrecipe.cli import main
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.trainer import Trainer, TrainingInterrupted
+from visionrecipe.train.loop import Trainer, TrainingInterrupted
 
 from conftest import run_cli
 
@@ -153,7 +153,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, capsys, mo
     assert len(metrics_without_timing(out)) == 1
     weights = load_file(str(out / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
-    from visionrecipe.evaluate import evaluate_run
+    from visionrecipe.evaluate.scoring import evaluate_run
 
     assert evaluate_run(out, write=False)["num_images"] == 359  # the kept checkpoint is usable
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from visionrecipe import finetune, train
+from visionrecipe.train import finetune
+
+from visionrecipe import train
 from visionrecipe.config import Config, resolve_recipe
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.models import create_model, get_spec, pretrained_weights
@@ -136,7 +138,7 @@ def test_run_weights_with_a_new_mlp_head_and_a_run_of_another_model(tmp_path):
     data = write_digits(tmp_path / "digits", range(3), n_train=20, n_test=5)
     source = train(data=str(data), model="seedcnn", epochs=1, out=str(tmp_path / "source"), **settings(tmp_path))
     saved = source.path / "model.safetensors"
-    from visionrecipe.checkpoint import read_weights
+    from visionrecipe.models.checkpoint import read_weights
 
     state = read_weights(saved)
     model = create_model("seedcnn", 3, image_size=8, head="mlp:32")
@@ -146,7 +148,7 @@ def test_run_weights_with_a_new_mlp_head_and_a_run_of_another_model(tmp_path):
     assert isinstance(model.head, torch.nn.Sequential) and model.head[-1].out_features == 3
     assert preprocessing["mean"] == source.meta["mean"]
     from visionrecipe.data import load_dataset
-    from visionrecipe.evaluate import predict_logits
+    from visionrecipe.evaluate.scoring import predict_logits
 
     # The fresh head on trained features still starts at chance: loss about ln(classes).
     images = load_dataset(str(data), data_dir=tmp_path / "cache", progress=False).train
@@ -282,7 +284,7 @@ def test_timm_imagenet_weights_go_through_timm_loader(tmp_path, monkeypatch):
 
 # --- freezing -----------------------------------------------------------------------------------
 def test_frozen_backbone_keeps_weights_and_batchnorm_stats_then_unfreezes(tmp_path):
-    from visionrecipe.trainer import Trainer
+    from visionrecipe.train.loop import Trainer
 
     data = write_digits(tmp_path / "digits", range(3), n_train=30, n_test=5)
     cfg = Config.from_dict(settings(tmp_path, data=str(data), model="fastnet", width=0.25, epochs=2, batch_size=16,
@@ -312,8 +314,8 @@ def test_resume_of_a_finetune_needs_no_source_and_matches_an_uninterrupted_run(t
     """Unfreezing mid-run and resume: the optimizer held the frozen parameters all along."""
     import shutil
 
-    from visionrecipe.checkpoint import read_weights
-    from visionrecipe.trainer import resume
+    from visionrecipe.models.checkpoint import read_weights
+    from visionrecipe.train.loop import resume
 
     data = write_digits(tmp_path / "digits", range(3), n_train=30, n_test=5)
     common = settings(tmp_path, data=str(data), model="seedcnn", epochs=3, batch_size=16, deterministic=True,

@@ -14,8 +14,8 @@ from sklearn.metrics import average_precision_score, f1_score
 from visionrecipe import train
 from visionrecipe.data import load_dataset
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.evaluate import predict_logits
-from visionrecipe.multilabel import compute_multilabel_metrics
+from visionrecipe.evaluate.scoring import predict_logits
+from visionrecipe.train.tasks import compute_multilabel_metrics
 
 from conftest import run_cli
 
@@ -120,7 +120,7 @@ def test_multilabel_run_learns_and_its_metrics_are_the_reference_ones(multilabel
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["task"] == "multilabel" and result["mAP"] > 0.9, result["mAP"]
     # Recompute from the saved model on the test split with scikit-learn as the reference.
-    from visionrecipe.checkpoint import load_model
+    from visionrecipe.models.checkpoint import load_model
 
     model, meta = load_model(run_dir)
     data = load_dataset(str(manifest), data_dir=manifest.parent / "cache", val_fraction=0.1, progress=False)
@@ -134,7 +134,7 @@ def test_multilabel_run_learns_and_its_metrics_are_the_reference_ones(multilabel
 
 
 def test_predict_returns_every_label_above_threshold(multilabel_run):
-    from visionrecipe.predict import predict
+    from visionrecipe.deploy.predict import predict
 
     run_dir, manifest = multilabel_run
     images = sorted((manifest.parent / "images").glob("*.png"))[:8]
@@ -169,7 +169,7 @@ def test_task_and_data_must_agree(tmp_path):
 
 def test_head_bias_starts_at_each_label_frequency():
     from visionrecipe.models import create_model
-    from visionrecipe.multilabel import PRIOR_CLAMP, init_prior_bias
+    from visionrecipe.train.tasks import PRIOR_CLAMP, init_prior_bias
 
     model = create_model("seedcnn", 3, image_size=8, head="mlp:16")
     targets = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])

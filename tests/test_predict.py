@@ -14,13 +14,13 @@ from PIL import Image
 
 from conftest import run_cli
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.onnx_runtime import read_image_array
-from visionrecipe.predict import format_rows, predict
+from visionrecipe.deploy.onnx_runtime import read_image_array
+from visionrecipe.deploy.predict import format_rows, predict
 
 
 @pytest.fixture(scope="module")
 def onnx_model(digits_run, tmp_path_factory):
-    from visionrecipe.export import export_model
+    from visionrecipe.deploy.export import export_model
 
     return export_model(digits_run, out=tmp_path_factory.mktemp("onnx") / "digits.onnx")["path"]
 
@@ -117,7 +117,7 @@ def test_onnx_predict_gives_the_run_directory_labels(digits_run, onnx_model, dig
 
 
 def test_onnx_predict_never_imports_torch(onnx_model, digit_files):
-    code = ("import sys, json; from visionrecipe.predict import predict; "
+    code = ("import sys, json; from visionrecipe.deploy.predict import predict; "
             f"rows = predict({str(onnx_model)!r}, [{str(digit_files)!r}], topk=2); "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'rows': len(rows)}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -158,7 +158,7 @@ def test_bad_inputs_are_one_line_errors(onnx_model, tmp_path):
 def test_multilabel_run_answers_labels_above_threshold_in_both_runtimes(digits_run, digit_files, tmp_path):
     import shutil
 
-    from visionrecipe.export import export_model
+    from visionrecipe.deploy.export import export_model
 
     run = tmp_path / "multilabel"
     shutil.copytree(digits_run, run)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from visionrecipe.cli import main
-from visionrecipe.evaluate import calibration
-from visionrecipe.report import write_report
+from visionrecipe.evaluate.scoring import calibration
+from visionrecipe.evaluate.report import write_report
 
 from conftest import run_cli
 

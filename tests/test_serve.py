@@ -181,7 +181,7 @@ def test_concurrent_requests_share_batches(server, digits):
 
 
 def test_onnx_model_without_batching(digits_run, digits, server, tmp_path):
-    from visionrecipe.export import export_model
+    from visionrecipe.deploy.export import export_model
 
     onnx_path = export_model(digits_run, out=tmp_path / "digits.onnx")["path"]
     files = [("files", (f"{i}.png", p)) for i, (p, _) in enumerate(digits)]
@@ -385,7 +385,7 @@ def test_allow_origin_admits_that_site_only(roomy_server, digits):
 
 def test_bad_serve_settings_are_one_line_errors(digits_run, capsys):
     from visionrecipe.cli import main
-    from visionrecipe.serve_checks import is_loopback
+    from visionrecipe.deploy.serve_checks import is_loopback
 
     for flags, message in [(["--allow-origin", "*"], "--allow-origin needs an origin such as"),
                            (["--allow-origin", "http://a.example/page"], "--allow-origin needs an origin"),

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from visionrecipe import train
-from visionrecipe.augment import BatchAugment, random_translate
+from visionrecipe.train.augment import BatchAugment, random_translate
 from visionrecipe.config import Config, load_config
-from visionrecipe.schedule import lr_factor
+from visionrecipe.train.schedule import lr_factor
 
 from conftest import run_cli
 
@@ -107,8 +107,8 @@ def test_schedules_shape():
 
 
 def test_ema_weights_used_for_evaluation(tmp_path):
-    from visionrecipe.checkpoint import load_model
-    from visionrecipe.trainer import Trainer
+    from visionrecipe.models.checkpoint import load_model
+    from visionrecipe.train.loop import Trainer
 
     cfg = Config.from_dict({"data": "digits", "model": "seedcnn", "epochs": 1, "ema": True, "out": str(tmp_path / "e"),
                             "progress": False, "report": False, "data_dir": str(tmp_path / "cache")})

@@ -158,7 +158,7 @@ def test_auto_runs_every_stage_within_its_budget(tmp_path, space):
 def test_auto_keeps_the_best_trial_when_no_time_is_left_to_beat_it(tmp_path, space):
     """Issue 14, item 4: a 1 s retrain (16.7% test) was handed over in silence. Here the tune takes
     95% of the budget, so the time left is below the reserve: the best trial's weights must be kept."""
-    from visionrecipe.evaluate import evaluate_run
+    from visionrecipe.evaluate.scoring import evaluate_run
 
     out = tmp_path / "auto"
     result, seconds = timed_auto("--time-budget", 30, "--tune-share", 0.95, "--out", out, "--space", space(epochs=1))
@@ -176,10 +176,10 @@ def test_auto_keeps_the_best_trial_when_no_time_is_left_to_beat_it(tmp_path, spa
 def test_a_retrain_worse_than_the_best_trial_is_not_handed_over(tmp_path):
     """The retrain had the time but reached less (here: an lr that cannot learn): the trial wins."""
     from visionrecipe import train
-    from visionrecipe.auto import RESERVE_MIN_S, train_stage
+    from visionrecipe.tune.auto import RESERVE_MIN_S, train_stage
     from visionrecipe.config import load_config
-    from visionrecipe.evaluate import evaluate_run
-    from visionrecipe.tune import TuneResult
+    from visionrecipe.evaluate.scoring import evaluate_run
+    from visionrecipe.tune.study import TuneResult
 
     trial_dir = tmp_path / "tune" / "trials" / "0003"
     trial = train(data="digits", model="seedcnn", epochs=2, out=str(trial_dir), progress=False, report=False,
@@ -200,7 +200,7 @@ def test_a_retrain_worse_than_the_best_trial_is_not_handed_over(tmp_path):
 # --- the search space, without training ---------------------------------------------------------
 def test_space_file_errors_name_the_setting(tmp_path):
     from visionrecipe.errors import VisionRecipeError
-    from visionrecipe.tune_space import default_space, load_space
+    from visionrecipe.tune.space import default_space, load_space
 
     base = default_space(image_size=8, recipe="standard", max_epochs=6)
     for entry, message in [({"lrr": {"type": "float", "low": 1, "high": 2}}, "unknown setting 'lrr'"),
@@ -219,7 +219,7 @@ def test_space_file_errors_name_the_setting(tmp_path):
 
 
 def test_width_and_depth_are_sampled_only_for_models_that_have_them():
-    from visionrecipe.tune_space import default_space, suggest
+    from visionrecipe.tune.space import default_space, suggest
 
     space = default_space(image_size=8, recipe="standard", max_epochs=4)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

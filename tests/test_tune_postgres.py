@@ -141,7 +141,7 @@ def test_two_workers_one_study_and_a_killed_workers_trial_fails(postgres, tmp_pa
 OPEN_AT = """
 import sys, time
 import optuna, psycopg, sqlalchemy  # imported before the start: only the table creation races
-from visionrecipe.tune_storage import open_storage
+from visionrecipe.tune.storage import open_storage
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start creating the tables at one instant
 open_storage(sys.argv[1])
 """
@@ -160,7 +160,7 @@ def test_workers_started_together_on_a_fresh_database_all_open_it(postgres):
 
 def test_a_missing_driver_names_the_extra(monkeypatch):
     from visionrecipe.errors import VisionRecipeError
-    from visionrecipe.tune_storage import open_storage
+    from visionrecipe.tune.storage import open_storage
 
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if it were not installed
     with pytest.raises(VisionRecipeError, match=r"pip install 'visionrecipe\[postgres\]'"):

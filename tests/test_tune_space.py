@@ -14,7 +14,7 @@ from conftest import run_cli
 
 optuna = pytest.importorskip("optuna")
 
-from visionrecipe.tune_space import Param, default_space, load_space, space_from_dict, space_to_dict  # noqa: E402
+from visionrecipe.tune.space import Param, default_space, load_space, space_from_dict, space_to_dict  # noqa: E402
 
 # One entry per kind a space file can hold, with bounds at 0 where the setting allows it.
 EVERY_KIND = {

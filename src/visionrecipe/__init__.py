@@ -5,7 +5,9 @@
     run.evaluate()["accuracy"], run.predict(["some.png"], topk=3)
 """
 
-from .errors import VisionRecipeError
+import importlib
+
+from visionrecipe.errors import VisionRecipeError
 
 __version__ = "0.1.0"
 __all__ = ["VisionRecipeError", "train", "resume", "evaluate", "predict", "Run", "Config"]
@@ -13,24 +15,23 @@ __all__ = ["VisionRecipeError", "train", "resume", "evaluate", "predict", "Run",
 
 def __getattr__(name):
     # Lazy: `import visionrecipe` stays fast and torch-free until something is used.
-    if name in ("train", "resume"):
-        from . import trainer
+    # `train` and `evaluate` are the stage packages, callable as the functions (see _callable.py).
+    if name in ("train", "evaluate"):
+        return importlib.import_module(f"visionrecipe.{name}")
+    if name == "resume":
+        from visionrecipe.train.loop import resume
 
-        return getattr(trainer, name)
-    if name == "evaluate":
-        from .evaluate import evaluate_run
-
-        return evaluate_run
+        return resume
     if name == "predict":
-        from .predict import predict
+        from visionrecipe.deploy.predict import predict
 
         return predict
     if name == "Run":
-        from .run import Run
+        from visionrecipe.run import Run
 
         return Run
     if name == "Config":
-        from .config import Config
+        from visionrecipe.config import Config
 
         return Config
     raise AttributeError(name)

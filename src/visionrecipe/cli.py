@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from .config import add_config_arguments, config_from_args
-from .errors import VisionRecipeError
+from visionrecipe.config import add_config_arguments, config_from_args
+from visionrecipe.errors import VisionRecipeError
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,10 +27,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args) -> int:
-    from .trainer import resume, train
+    from visionrecipe.train.loop import resume, train
 
     if args.nproc and args.nproc > 1:
-        from .distributed import launch
+        from visionrecipe.train.launch import launch
 
         return launch(args.nproc, args.argv)
     if args.resume:
@@ -43,7 +43,7 @@ def cmd_train(args) -> int:
 def resume_settings(args) -> dict:
     """The settings a `--resume` was given: the --config file's, then the flags typed over them.
     All go through the resume's "would this change the run" check, none is silently dropped."""
-    from .config import FIELDS, Config, flatten, read_yaml_mapping
+    from visionrecipe.config import FIELDS, Config, flatten, read_yaml_mapping
 
     settings = {}
     if args.config:
@@ -54,7 +54,7 @@ def resume_settings(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run
+    from visionrecipe.evaluate.scoring import evaluate_run
 
     result = evaluate_run(args.run, data=args.data, split=args.split, device=args.device)
     if args.json:
@@ -75,8 +75,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import format_rows, predict
-    from .rundir import atomic_write_text
+    from visionrecipe.deploy.predict import format_rows, predict
+    from visionrecipe.rundir import atomic_write_text
 
     rows = predict(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size, device=args.device,
                    progress=True, threshold=args.threshold)
@@ -90,7 +90,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import count_parameters, create_model, format_layer_table, get_spec, layer_table, list_models
+    from visionrecipe.models import count_parameters, create_model, format_layer_table, get_spec, layer_table, list_models
 
     if args.name:
         spec = get_spec(args.name)
@@ -154,23 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extensions():
-    """Subcommands that live beside their modules (doctor, report, tune, export, serve, ...)."""
-    import importlib
+    """Subcommands whose parsers live beside their stages (doctor, report, tune, export, serve)."""
+    from visionrecipe.deploy import export_cli, serve_cli
+    from visionrecipe.doctor import cli as doctor_cli
+    from visionrecipe.evaluate import cli as report_cli
+    from visionrecipe.tune import cli as tune_cli
 
-    found = []
-    for module in ("doctor", "report", "tune", "export", "serve"):
-        try:
-            mod = importlib.import_module(f".{module}_cli", __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.endswith(f"{module}_cli"):
-                continue
-            raise
-        found.append(mod.register)
-    return found
+    return [m.register for m in (doctor_cli, report_cli, tune_cli, export_cli, serve_cli)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import TrainingInterrupted, TrainingStopped
+    from visionrecipe.errors import TrainingInterrupted, TrainingStopped
 
     def is_main_process() -> bool:  # not system's: that imports torch, which `predict x.onnx` avoids
         return os.environ.get("RANK", "0") == "0"

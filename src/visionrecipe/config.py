@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import VisionRecipeError
+from visionrecipe.errors import VisionRecipeError
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -222,7 +222,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from .rundir import atomic_write_text
+    from visionrecipe.rundir import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -16,8 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import VisionRecipeError
-from .rundir import read_metrics
+from visionrecipe.errors import VisionRecipeError
+from visionrecipe.rundir import read_metrics
 
 
 class Run:
@@ -38,11 +38,11 @@ class Run:
         return read_metrics(self.path)
 
     def evaluate(self, split: str = "test", **kwargs) -> dict:
-        from .evaluate import evaluate_run
+        from visionrecipe.evaluate.scoring import evaluate_run
 
         return evaluate_run(self.path, split=split, **kwargs)
 
     def predict(self, images, topk: int = 5, **kwargs) -> list[dict]:
-        from .predict import predict
+        from visionrecipe.deploy.predict import predict
 
         return predict(self.path, images, topk=topk, **kwargs)

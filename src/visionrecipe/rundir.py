@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import VisionRecipeError
+from visionrecipe.errors import VisionRecipeError
 
 MARKER = ".visionrecipe-run"  # written when train creates the folder: "this is ours to replace"
 LOCK = ".visionrecipe.lock"  # flock'ed by the one process writing; holds its pid and command
@@ -219,7 +219,7 @@ def prepare_run_dir(cfg, resume: bool = False) -> Path:
     """Create (or check) the run directory and lock it for this process (`unlock` when done):
     called once every input is known to be good, so a bad --data deletes nothing. Only rank 0
     checks, clears and locks; under torchrun the others just learn the path."""
-    from .system import is_main_process
+    from visionrecipe.system import is_main_process
 
     out = resolve_out(cfg)
     if not is_main_process():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import VisionRecipeError
+from visionrecipe.errors import VisionRecipeError
 
 
 @dataclass(frozen=True)

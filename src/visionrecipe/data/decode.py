@@ -26,7 +26,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.onnx_runtime import decode_pil  # torch-free, shared with the ONNX path
+from visionrecipe.deploy.onnx_runtime import decode_pil  # torch-free, shared with the ONNX path
 
 # Truncated files must fail loudly: with this True, PIL pads them with grey and a
 # half-downloaded JPEG would silently become training data.

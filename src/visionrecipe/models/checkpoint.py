@@ -1,0 +1,136 @@
+"""Safe, atomic saving and loading of models and training state.
+
+A model is two files side by side: ``model.safetensors`` (tensors only, nothing to unpickle) and
+``model.json`` (architecture, classes, normalisation, input size). Training state for resume is
+``state.pt``, written with ``torch.save`` and read back with ``weights_only=True``::
+
+    save_model(run_dir, "model", model, meta)          # model.safetensors + model.json
+    model, meta = load_model(run_dir)                   # a run dir, a .safetensors or a .json path
+    save_state(run_dir / "state.pt", {...}); load_state(run_dir / "state.pt")
+
+Every write goes through rundir.atomic_write_bytes (a temporary file in the same folder,
+fsync'ed, then renamed over the target), so a kill at any moment leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save as safetensors_bytes
+
+from visionrecipe.errors import VisionRecipeError
+from visionrecipe.rundir import atomic_write_bytes, atomic_write_text
+
+FORMAT = "visionrecipe"
+FORMAT_VERSION = 1
+
+
+def save_model(run_dir: Path, stem: str, model: torch.nn.Module, meta: dict) -> None:
+    """`stem`.safetensors + `stem`.json; the JSON is written last so it only names complete weights."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
+    # safetensors refuses tensors that share memory; clone makes each one its own.
+    state = {k: v.clone() for k, v in state.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    atomic_write_bytes(Path(run_dir) / f"{stem}.safetensors", safetensors_bytes(state))
+    atomic_write_text(Path(run_dir) / f"{stem}.json", json.dumps(meta, indent=2))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def resolve_model_files(path: str | os.PathLike, stem: str = "model") -> tuple[Path, Path]:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        weights, meta = path / f"{stem}.safetensors", path / f"{stem}.json"
+    elif path.suffix in (".safetensors", ".json"):
+        weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    else:
+        raise VisionRecipeError(f"{path}: expected a run directory or a .safetensors file")
+    if not path.exists():
+        raise VisionRecipeError(f"model not found: {path}")
+    for file in (weights, meta):
+        if not file.is_file():
+            raise VisionRecipeError(f"{path} is not a visionrecipe model: {file.name} is missing")
+    return weights, meta
+
+
+def read_meta(meta_path: Path) -> dict:
+    try:
+        meta = json.loads(Path(meta_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise VisionRecipeError(f"{meta_path} is not a visionrecipe model description: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise VisionRecipeError(f"{meta_path} is not a visionrecipe model description")
+    return meta
+
+
+def read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise VisionRecipeError(f"{weights_path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def build_from_meta(meta: dict) -> torch.nn.Module:
+    from visionrecipe.models import create_model
+
+    return create_model(meta["architecture"], len(meta["classes"]), in_channels=meta["input_size"][0],
+                        image_size=meta["input_size"][1], head=meta.get("head", "linear"),
+                        **meta.get("model_options", {}))
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a one-line error naming what did not match."""
+    own = unwrap(model).state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}")
+        raise VisionRecipeError(f"{source} does not match the architecture ({'; '.join(parts)})")
+    unwrap(model).load_state_dict(state)
+
+
+def load_model(path: str | os.PathLike, stem: str = "model") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the architecture named in the JSON and load the safetensors weights, in eval mode."""
+    weights_path, meta_path = resolve_model_files(path, stem)
+    meta = read_meta(meta_path)
+    model = build_from_meta(meta)
+    load_into(model, read_weights(weights_path), str(weights_path))
+    return model.eval(), meta
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Resume state; `weights_only=True` so a hostile file cannot run code. `required` keys
+    missing (a state from another version) are a one-line error, not a KeyError later."""
+    path = Path(path)
+    if not path.is_file():
+        raise VisionRecipeError(f"no resume state in {path.parent} ({path.name} is missing)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise VisionRecipeError(f"{path} is not a readable visionrecipe checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise VisionRecipeError(f"{path} is not a visionrecipe checkpoint")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise VisionRecipeError(f"{path} is an incomplete or older visionrecipe checkpoint (no {', '.join(missing)})")
+    return state

@@ -1,0 +1,13 @@
+"""Training: from a resolved config to a finished run directory.
+
+    import visionrecipe
+    run = visionrecipe.train(data="digits", epochs=5)   # this package is callable: train.loop.train
+    run = visionrecipe.resume("runs/x")
+
+loop.py is the loop; build.py builds what a run needs; state.py the exact-resume state;
+launch.py starts torchrun; optim.py, schedule.py, augment.py, tasks.py, finetune.py its parts.
+"""
+
+from visionrecipe._callable import make_callable
+
+make_callable(__name__, "visionrecipe.train.loop", "train")
