@@ -1,4 +1,4 @@
-"""Training in several processes: the `--nproc` launcher, and evaluation shared between processes.
+"""Training in several processes: the `--nproc` launcher (evaluation shared between them: evaluate/sharded.py).
 
     visionrecipe train --data cifar10 --nproc 2                # 2 processes on this machine
     torchrun --standalone --nproc_per_node 2 -m visionrecipe train --data cifar10   # the same
@@ -24,11 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.evaluate.scoring import EVAL_BATCH, predict_logits
-from visionrecipe.system import World, physical_cores
+from visionrecipe.system import physical_cores
 
 STATUS_ENV = "VISIONRECIPE_STATUS_DIR"
 # `python -m torch.distributed.run`, except that a failed worker is an exit status, not a page of
@@ -155,26 +152,6 @@ def worker_main(argv: list[str]) -> int:
     finally:
         record_status(code)
     return code
-
-
-def sharded_logits(world: World, model: torch.nn.Module, images: torch.Tensor, mean, std, **options) -> torch.Tensor:
-    """`predict_logits` of all `images`, its batches dealt out to the processes; every process
-    gets all the logits, in order. Each process scores rank 0's weights (copied to it first)
-    on the very batches one process would run, so each image is scored exactly once and the
-    metrics are those of a single process, identical everywhere."""
-    if world.size == 1:
-        return predict_logits(model, images, mean, std, **options)
-    world.broadcast_module(model)
-    batch = options.get("batch_size", EVAL_BATCH)
-    starts = range(0, len(images), batch)
-    mine = {start: predict_logits(model, images[start:start + batch], mean, std, **options)
-            for start in starts[world.rank::world.size]}
-    merged: dict[int, torch.Tensor] = {}
-    for part in world.gather(mine):
-        merged.update(part)
-    if not merged:
-        return torch.zeros(0, 0)
-    return torch.cat([merged[start] for start in starts])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from visionrecipe.train.augment import BatchAugment, epoch_order
 from visionrecipe.config import Config, apply_overrides, resolve_device_defaults, resolve_crop_padding, resolve_recipe, save_config
 from visionrecipe.data import channel_stats, load_dataset
 from visionrecipe.errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
-from visionrecipe.train.launch import sharded_logits
+from visionrecipe.evaluate.sharded import sharded_logits
 from visionrecipe.evaluate.scoring import compute_metrics
 from visionrecipe.models import create_model, get_spec
 from visionrecipe.train.callbacks import nan_injection_steps, open_tensorboard, progress_bar
