@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import run_cli
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.deploy.onnx_runtime import read_image_array
+from visionrecipe.data.pil import read_image_array
 from visionrecipe.deploy.predict import format_rows, predict
 
 

@@ -144,7 +144,7 @@ def test_training_writes_tensorboard_events_and_the_report(tmp_path):
 
 
 def test_torn_last_metrics_line_does_not_stop_the_report(report_run, tmp_path):
-    from visionrecipe.run import Run
+    from visionrecipe.rundir import Run
 
     run = tmp_path / "run"
     shutil.copytree(report_run, run)

@@ -27,7 +27,7 @@ def __getattr__(name):
 
         return predict
     if name == "Run":
-        from visionrecipe.run import Run
+        from visionrecipe.rundir import Run
 
         return Run
     if name == "Config":

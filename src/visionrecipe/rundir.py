@@ -1,11 +1,19 @@
 """The run directory's format, and every write into it: the one place that knows both.
 
+    run = Run("runs/digits")                   # a run with a trained model; run.meta, run.metrics
+    run.evaluate(), run.predict(["a.png"])     # test-split metrics (writes eval.json); top-k classes
+    meta = read_model_meta(run.path / MODEL_META)   # model.json, checked: the one reader
+    weights, meta_path = model_files("runs/digits")  # or a .safetensors / .json path
     out = prepare_run_dir(cfg)                 # checked, cleared by --overwrite, marked, locked
     append_metrics(out, {"epoch": 1, ...})     # one line of metrics.jsonl, fsync'ed
     read_metrics(out)                          # [{"epoch": 1, ...}, ...]; a torn last line is dropped
     atomic_write_text(out / "eval.json", text) # temporary file, fsync, rename: never half a file
     with locked(out, "evaluate"): ...          # one writer at a time; others get a one-line error
     is_run_dir(path)                           # carries the marker this project writes
+
+Layout: config.yaml, metrics.jsonl, model.safetensors + model.json (the best epoch),
+last.safetensors + last.json (the last epoch), state.pt (resume), eval.json, report.html.
+The weights' safetensors I/O is models/checkpoint.py's; the JSON beside them is read here.
 
 A run directory holds only the files in RUN_FILES (and RUN_DIRS), plus files of other
 commands that live beside a run (COMPANIONS, e.g. tune's train.log). `--overwrite` deletes
@@ -32,10 +40,16 @@ from visionrecipe.errors import VisionRecipeError
 MARKER = ".visionrecipe-run"  # written when train creates the folder: "this is ours to replace"
 LOCK = ".visionrecipe.lock"  # flock'ed by the one process writing; holds its pid and command
 METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+MODEL_META = "model.json"  # beside model.safetensors: architecture, classes, normalisation, input size
+STATE = "state.pt"  # what an exact resume needs (train/state.py)
+MODEL_FORMAT = "visionrecipe"  # the "format" of model.json, last.json and state.pt
+MODEL_FORMAT_VERSION = 1
+MODEL_KEYS = ("architecture", "classes", "input_size", "mean", "std")  # what every reader of model.json uses
 # Every file a run's commands write into it (train, evaluate, report, export, auto's doctor copy).
 RUN_FILES = frozenset({
-    MARKER, LOCK, "config.yaml", METRICS, "model.safetensors", "model.json", "last.safetensors", "last.json",
-    "state.pt", "eval.json", "report.html", "curves.png", "confusion.png", "reliability.png", "mistakes.png",
+    MARKER, LOCK, CONFIG, METRICS, "model.safetensors", MODEL_META, "last.safetensors", "last.json",
+    STATE, "eval.json", "report.html", "curves.png", "confusion.png", "reliability.png", "mistakes.png",
     "doctor.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt",
 })
 RUN_DIRS = frozenset({"tensorboard"})
@@ -150,6 +164,95 @@ def truncate_metrics(run_dir: str | os.PathLike, epochs: int) -> None:
     """Keep the first `epochs` records (a resume drops epochs written after its state.pt)."""
     kept = read_metrics(run_dir)[:epochs]
     atomic_write_text(Path(run_dir) / METRICS, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+# --- the trained model: model.json beside model.safetensors ---------------------------------------
+def model_files(path: str | os.PathLike, stem: str = "model") -> tuple[Path, Path]:
+    """(weights, model.json) of a run directory (its `stem` model), or of a .safetensors or .json
+    path; both must exist."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        weights, meta = path / f"{stem}.safetensors", path / f"{stem}.json"
+    elif path.suffix in (".safetensors", ".json"):
+        weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    else:
+        raise VisionRecipeError(f"{path}: expected a run directory or a .safetensors file")
+    if not path.exists():
+        raise VisionRecipeError(f"model not found: {path}")
+    for file in (weights, meta):
+        if not file.is_file():
+            raise VisionRecipeError(f"{path} is not a visionrecipe model: {file.name} is missing")
+    return weights, meta
+
+
+def has_model(path: str | os.PathLike) -> bool:
+    """True for a run directory holding a trained model (training wrote its best epoch)."""
+    return (Path(path).expanduser() / MODEL_META).is_file()
+
+
+def trained_run(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or a one-line error when it holds no trained model."""
+    path = Path(path).expanduser()
+    if not has_model(path):
+        raise VisionRecipeError(f"{path} is not a run directory with a trained model ({MODEL_META} missing)")
+    return path
+
+
+def read_model_meta(path: str | os.PathLike) -> dict:
+    """A model's JSON description (model.json, last.json or NAME.json beside NAME.safetensors),
+    checked: written by visionrecipe and holding what every reader uses (MODEL_KEYS)."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise VisionRecipeError(f"{path} is not a visionrecipe model description: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise VisionRecipeError(f"{path} is not a visionrecipe model description")
+    missing = [key for key in MODEL_KEYS if key not in meta]
+    if missing:
+        raise VisionRecipeError(f"{path} is an incomplete model description (no {', '.join(missing)})")
+    return meta
+
+
+def write_model_meta(path: str | os.PathLike, meta: dict) -> None:
+    """The JSON beside a model's weights, tagged with the format (write it after the weights,
+    so it only ever names complete ones)."""
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **meta}
+    atomic_write_text(path, json.dumps(meta, indent=2))
+
+
+class Run:
+    """A run directory with a trained model, and what can be done with it.
+
+        run = Run("runs/digits")
+        run.meta, run.metrics   # model.json; the epochs of metrics.jsonl
+        run.evaluate()          # test-split metrics; writes eval.json
+        run.predict(["a.png"])  # top-k classes per image
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = trained_run(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def meta(self) -> dict:
+        return read_model_meta(self.path / MODEL_META)
+
+    @property
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    # The stages are imported on use: rundir sits below them, and stays torch-free.
+    def evaluate(self, split: str = "test", **kwargs) -> dict:
+        from visionrecipe.evaluate.scoring import evaluate_run
+
+        return evaluate_run(self.path, split=split, **kwargs)
+
+    def predict(self, images, topk: int = 5, **kwargs) -> list[dict]:
+        from visionrecipe.deploy.predict import predict
+
+        return predict(self.path, images, topk=topk, **kwargs)
 
 
 # --- what a run directory is ---------------------------------------------------------------------

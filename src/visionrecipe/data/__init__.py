@@ -1,4 +1,4 @@
-"""Datasets as whole uint8 tensors: digits, CIFAR-10/100, or a folder of class subfolders.
+"""Datasets as whole uint8 tensors: digits, CIFAR-10/100, a folder of class subfolders, a CSV manifest.
 
 Usage::
 
@@ -12,134 +12,29 @@ Usage::
 
 Everything stays on the CPU; the trainer moves the tensors to its device. A folder is
 decoded once into ``<data_dir>/tensors/`` and served from there until a file changes.
+
+The modules: load.py (which loader a spec names), folder.py, manifest.py, cifar.py, digits.py
+(the loaders), split.py (Dataset, Split, the validation rules), decode.py (files to tensors,
+a process pool), pil.py (the one PIL decode, torch-free), cache.py (the decoded-folder cache).
+The names below are imported on first use, so `visionrecipe.data.pil` can be imported without
+torch (`predict model.onnx` runs on onnxruntime alone).
 """
 
-from __future__ import annotations
+import importlib
 
-import os
-import time
-from pathlib import Path
-
-import torch
-
-from visionrecipe.data.cifar import cifar_kind, find_cifar, read_cifar_folder
-from visionrecipe.data.decode import check_image_size, read_image, resize_images
-from visionrecipe.data.folder import IMAGE_EXTENSIONS, load_folder
-from visionrecipe.data.split import Dataset, Split, check_fraction, finish_dataset, stratified_split
-from visionrecipe.errors import VisionRecipeError
-
-__all__ = [
-    "Dataset",
-    "Split",
-    "channel_stats",
-    "describe_spec",
-    "load_dataset",
-    "read_image",
-    "stratified_split",
-]
-
-NAMED_DATASETS = ("digits", "cifar10", "cifar100")
+_HOMES = {
+    "Dataset": "split",
+    "Split": "split",
+    "stratified_split": "split",
+    "channel_stats": "load",
+    "describe_spec": "load",
+    "load_dataset": "load",
+    "read_image": "decode",
+}
+__all__ = sorted(_HOMES)
 
 
-def describe_spec() -> str:
-    """Help text for --data."""
-    return (
-        "digits (sklearn 8x8 digits), cifar10 or cifar100 (downloaded into --data-dir), "
-        "an extracted cifar-10-batches-py / cifar-100-python folder, or a folder of class "
-        f"subfolders of images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}), optionally "
-        "split into train/ and test/ (and val/) subfolders, or a .csv manifest of path,labels rows "
-        "(labels ;-separated, for --task multilabel); write ./digits for a folder named like a dataset"
-    )
-
-
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith(("~", ".")) or "/" in spec or os.sep in spec
-
-
-def load_dataset(
-    spec: str,
-    *,
-    data_dir: str | os.PathLike = "~/.cache/visionrecipe",
-    image_size: int | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    strict: bool = False,
-    progress: bool = True,
-    workers: int | None = None,
-    allow_outside_paths: bool = False,
-) -> Dataset:
-    """Load the dataset a --data spec names; every user error is a one-line VisionRecipeError.
-
-    allow_outside_paths: a .csv manifest may name images outside its own folder (../, absolute).
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise VisionRecipeError(f"empty --data spec: expected {', '.join(NAMED_DATASETS)} or a folder")
-    check_image_size(image_size)
-    val_fraction = check_fraction(val_fraction)
-    data_dir = Path(data_dir).expanduser()
-    options = dict(val_fraction=val_fraction, seed=seed)
-    if spec in NAMED_DATASETS:
-        return _load_named(spec, data_dir, image_size, options)
-    path = Path(spec).expanduser()
-    if path.is_dir() and cifar_kind(path) is not None:
-        return _load_tensors(spec, path, image_size, options)
-    if path.suffix.lower() == ".csv" and not path.is_dir():
-        from visionrecipe.data.manifest import load_manifest  # multilabel: path,label1;label2 rows
-
-        return load_manifest(spec, path, data_dir=data_dir, image_size=image_size, strict=strict,
-                             progress=progress, workers=workers, allow_outside_paths=allow_outside_paths, **options)
-    if path.exists() or _looks_like_path(spec):
-        return load_folder(
-            spec, path, data_dir=data_dir, image_size=image_size, strict=strict,
-            progress=progress, workers=workers, **options,
-        )  # fmt: skip
-    raise VisionRecipeError(
-        f"unknown dataset '{spec}': expected digits, cifar10, cifar100, or a folder of class subfolders"
-    )
-
-
-def _load_named(spec: str, data_dir: Path, image_size: int | None, options: dict) -> Dataset:
-    if spec == "digits":
-        from visionrecipe.data.digits import load_digits_tensors
-
-        started = time.perf_counter()
-        classes, train, test = load_digits_tensors()
-        return _finish_tensors(spec, classes, train, test, image_size, started, options)
-    return _load_tensors(spec, find_cifar(spec, data_dir), image_size, options)
-
-
-def _load_tensors(spec: str, folder: Path, image_size: int | None, options: dict) -> Dataset:
-    started = time.perf_counter()
-    classes, train, test = read_cifar_folder(folder)
-    return _finish_tensors(spec, classes, train, test, image_size, started, options)
-
-
-def _finish_tensors(spec, classes, train, test, image_size, started, options) -> Dataset:
-    """Tensor datasets (digits, CIFAR): optional resize, then the shared split rules."""
-    splits = [Split(resize_images(x, image_size).contiguous(), y.contiguous()) for x, y in (train, test)]
-    seconds = time.perf_counter() - started
-    return finish_dataset(spec, classes, *splits, decode_seconds=seconds, **options)
-
-
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (population) of uint8 N×C×H×W images, in 0–1 units.
-
-    Works through chunks of about 4M values so 50,000 CIFAR images never get a float
-    copy all at once; sums are float64, exact for integer pixels at this scale.
-    """
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise VisionRecipeError("channel_stats expects a uint8 N×C×H×W tensor")
-    if images.numel() == 0:
-        raise VisionRecipeError("channel_stats needs at least one non-empty image")
-    per_image = images[0].numel()
-    step = max(1, 4_000_000 // per_image)
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for start in range(0, len(images), step):
-        chunk = images[start : start + step].to(torch.float64)
-        total += chunk.sum(dim=(0, 2, 3))
-        total_sq += chunk.square().sum(dim=(0, 2, 3))
-    count = images.numel() / images.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp(min=0).sqrt()
-    return (mean / 255).tolist(), (std / 255).tolist()
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"visionrecipe.data.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'visionrecipe.data' has no attribute {name!r}")

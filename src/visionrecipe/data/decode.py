@@ -8,29 +8,24 @@ Usage::
     images, kept, skipped = decode_files(paths, image_size=None, workers=None, progress=True)
     images = resize_images(images, 64)                      # uint8 N×C×64×64 via the same PIL resize
 
-Training and ``predict`` both go through ``_decode_array``, so an image is preprocessed
-identically in both: EXIF orientation applied, every mode turned into RGB (or L for one
+Every image goes through ``data/pil.py``'s ``decode_pil`` (training, ``predict``, the ONNX path
+and the server alike): EXIF orientation applied, every mode turned into RGB (or L for one
 channel), then a square bilinear resize with PIL's built-in antialiasing.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
+from visionrecipe.data.pil import decode_pil, read_image_array, unreadable_reason
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.deploy.onnx_runtime import decode_pil  # torch-free, shared with the ONNX path
-
-# Truncated files must fail loudly: with this True, PIL pads them with grey and a
-# half-downloaded JPEG would silently become training data.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 CHUNK_FILES = 500  # files per worker task: big enough to amortise IPC, small for the bar
 MIN_FILES_FOR_POOL = 1000  # below this, starting workers costs more than it saves
@@ -41,22 +36,14 @@ class _Unreadable(Exception):
     """A file PIL could not decode; the message is the one-line reason."""
 
 
-def _decode_array(source, image_size: int | None, channels: int) -> np.ndarray:
-    """Decode one file or bytes into a uint8 H×W×C array; raise _Unreadable on bad data."""
+def _decode_array(path: str, image_size: int | None, channels: int) -> np.ndarray:
+    """Decode one file into a uint8 H×W×C array; raise _Unreadable on bad data."""
     try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            source = io.BytesIO(bytes(source))
-        array = decode_pil(source, image_size, channels)
+        array = decode_pil(path, image_size, channels)
     except FileNotFoundError:
         raise
-    except UnidentifiedImageError as exc:
-        empty = not isinstance(source, io.BytesIO) and os.path.getsize(source) == 0
-        raise _Unreadable("empty file (0 bytes)" if empty else "not an image PIL can read") from exc
-    except Exception as exc:
-        # PIL raises many types on malformed input (OSError, SyntaxError, struct.error,
-        # IndexError, DecompressionBombError...); the caller names the file either way.
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        raise _Unreadable(text) from exc
+    except Exception as exc:  # the caller names the file
+        raise _Unreadable(unreadable_reason(exc, path)) from exc
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -72,20 +59,9 @@ def check_image_size(image_size: int | None) -> int | None:
 def read_image(path_or_bytes, *, image_size: int | None, channels: int = 3) -> torch.Tensor:
     """Decode one image file (path or bytes) into a uint8 C×H×W tensor, as the dataset does."""
     check_image_size(image_size)
-    if channels not in (1, 3):
-        raise VisionRecipeError(f"channels must be 1 or 3, got {channels!r}")
-    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
-    name = "image bytes" if is_bytes else os.fspath(path_or_bytes)
-    try:
-        array = _decode_array(path_or_bytes, image_size, channels)
-    except FileNotFoundError:
-        raise VisionRecipeError(f"no such image file: {name}") from None
-    except IsADirectoryError:
-        raise VisionRecipeError(f"expected an image file, got a folder: {name}") from None
-    except _Unreadable as exc:
-        raise VisionRecipeError(f"unreadable image {name}: {exc}") from None
-    # A copy: PIL's buffer is read-only, and torch wants tensors it may write to.
-    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))
+    array = read_image_array(path_or_bytes, image_size=image_size, channels=channels)
+    # A copy: PIL's buffer may be read-only, and torch wants tensors it may write to.
+    return torch.from_numpy(np.array(array, order="C"))
 
 
 def _decode_chunk(task: tuple[list[str], int | None]) -> tuple:

@@ -12,29 +12,24 @@ The ONNX file describes itself (see ``encode_metadata``): ``classes``, ``mean``,
 is float32 N×C×H×W normalised as ``(pixels / 255 - mean) / std``; its output is logits, with
 the mirror average already inside the graph when ``tta`` is true.
 
-``read_image_array`` mirrors ``visionrecipe.data.read_image`` step for step (EXIF orientation,
-mode to RGB or L, square bilinear resize); tests/test_predict.py checks they agree pixel for
-pixel, so a model deployed without torch sees the pixels it was trained on.
+Images are decoded by ``visionrecipe.data.pil.read_image_array``, the decode training uses
+(tests/test_predict.py checks they agree pixel for pixel), so a model deployed without torch
+sees the pixels it was trained on.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from visionrecipe.data.pil import read_image_array
 from visionrecipe.errors import VisionRecipeError
-
-# A half-downloaded file must fail, not be padded with grey (same rule as the training decoder).
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 JSON_KEYS = ("classes", "mean", "std", "input_size", "tta", "threshold")
 TEXT_KEYS = ("architecture", "task", "format", "preprocessing")
 PREPROCESSING = "float32 NCHW, x = (pixels / 255 - mean) / std, pixels resized to input_size (bilinear)"
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 # ---------------------------------------------------------------- metadata
@@ -79,54 +74,7 @@ def decode_metadata(props: dict[str, str], source: str = "model") -> dict:
     return decoded
 
 
-# ---------------------------------------------------------------- decoding (mirror of data/decode.py)
-
-def _to_mode(img: Image.Image, channels: int) -> Image.Image:
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # Scale 0–65535 to 0–255 rather than PIL's clip at 255 (which turns 16-bit scans white).
-        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        img = Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L")
-    target = "RGB" if channels == 3 else "L"
-    return img if img.mode == target else img.convert(target)
-
-
-def decode_pil(opened, image_size: int | None, channels: int, formats=None) -> np.ndarray:
-    """The one PIL decode both runtimes use (the training decoder in data/decode.py too): a path or
-    file object to uint8 H×W or H×W×C; formats (e.g. ("PNG", "JPEG")) limits the PIL plugins
-    tried, None tries all. PIL's own exceptions propagate; callers word them."""
-    with Image.open(opened, formats=formats) as img:
-        img.load()  # decode now: truncated data raises here, not later
-        ImageOps.exif_transpose(img, in_place=True)
-        img = _to_mode(img, channels)
-        if image_size is not None and img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return np.asarray(img)
-
-
-def read_image_array(source, *, image_size: int | None, channels: int = 3, formats=None) -> np.ndarray:
-    """Decode a path or bytes to uint8 C×H×W, as ``visionrecipe.data.read_image`` does
-    (that decodes any format PIL knows; ``formats`` may limit this one, as the server does)."""
-    if channels not in (1, 3):
-        raise VisionRecipeError(f"channels must be 1 or 3, got {channels!r}")
-    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
-    name = "image bytes" if is_bytes else os.fspath(source)
-    opened = io.BytesIO(bytes(source)) if is_bytes else source
-    try:
-        array = decode_pil(opened, image_size, channels, formats)
-    except FileNotFoundError:
-        raise VisionRecipeError(f"no such image file: {name}") from None
-    except IsADirectoryError:
-        raise VisionRecipeError(f"expected an image file, got a folder: {name}") from None
-    except UnidentifiedImageError:
-        empty = not is_bytes and os.path.getsize(source) == 0
-        reason = "empty file (0 bytes)" if empty else "not an image PIL can read"
-        raise VisionRecipeError(f"unreadable image {name}: {reason}") from None
-    except Exception as exc:  # PIL raises many types on malformed input
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise VisionRecipeError(f"unreadable image {name}: {reason}") from None
-    array = array[:, :, None] if array.ndim == 2 else array
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
-
+# ---------------------------------------------------------------- preprocessing
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
     """uint8 N×C×H×W → float32 (pixels / 255 - mean) / std, the exported graph's input.

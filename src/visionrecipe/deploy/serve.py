@@ -43,7 +43,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.deploy.onnx_runtime import read_image_array
+from visionrecipe.data.pil import read_image_array
 from visionrecipe.deploy.predict import answers
 from visionrecipe.deploy.serve_checks import ACCEPTED_FORMATS, ClientGuard, UploadLimit, image_pixels, is_loopback, normalize_origin
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure  # an ImportError here tells the trainer to skip the report
 
-from visionrecipe.errors import VisionRecipeError
-from visionrecipe.rundir import atomic_write_bytes, atomic_write_text, locked, read_metrics
+from visionrecipe.rundir import atomic_write_bytes, atomic_write_text, locked, read_metrics, trained_run
 
 MISTAKES = 18  # gallery size: the highest-confidence wrong test predictions
 ACCENT = "#2563eb"
@@ -152,9 +151,7 @@ def worst_mistakes(logits: torch.Tensor, labels: torch.Tensor, k: int = MISTAKES
 
 def write_report(run_dir: str | Path, dataset=None) -> Path:
     """Evaluate the run on its test split (rewriting eval.json) and write report.html with its PNGs."""
-    run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "model.json").is_file():
-        raise VisionRecipeError(f"{run_dir} is not a run directory with a trained model (model.json missing)")
+    run_dir = trained_run(run_dir)
     with locked(run_dir):  # no other process writes the run meanwhile (a training run, another report)
         return _write_report(run_dir, dataset)
 

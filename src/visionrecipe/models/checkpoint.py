@@ -1,12 +1,13 @@
-"""Safe, atomic saving and loading of models and training state.
+"""Safe, atomic saving and loading of model weights and of the resume file.
 
 A model is two files side by side: ``model.safetensors`` (tensors only, nothing to unpickle) and
-``model.json`` (architecture, classes, normalisation, input size). Training state for resume is
-``state.pt``, written with ``torch.save`` and read back with ``weights_only=True``::
+``model.json`` (architecture, classes, normalisation, input size; read and written by rundir.py,
+which owns the run directory's format). The resume state is ``state.pt``, written with
+``torch.save`` and read back with ``weights_only=True``::
 
     save_model(run_dir, "model", model, meta)          # model.safetensors + model.json
     model, meta = load_model(run_dir)                   # a run dir, a .safetensors or a .json path
-    save_state(run_dir / "state.pt", {...}); load_state(run_dir / "state.pt")
+    write_resume_file(run_dir / "state.pt", {...}); read_resume_file(run_dir / "state.pt")
 
 Every write goes through rundir.atomic_write_bytes (a temporary file in the same folder,
 fsync'ed, then renamed over the target), so a kill at any moment leaves the previous file intact.
@@ -15,7 +16,6 @@ fsync'ed, then renamed over the target), so a kill at any moment leaves the prev
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.rundir import atomic_write_bytes, atomic_write_text
-
-FORMAT = "visionrecipe"
-FORMAT_VERSION = 1
+from visionrecipe.rundir import MODEL_FORMAT, atomic_write_bytes, model_files, read_model_meta, write_model_meta
 
 
 def save_model(run_dir: Path, stem: str, model: torch.nn.Module, meta: dict) -> None:
@@ -36,41 +33,14 @@ def save_model(run_dir: Path, stem: str, model: torch.nn.Module, meta: dict) -> 
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     # safetensors refuses tensors that share memory; clone makes each one its own.
     state = {k: v.clone() for k, v in state.items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     atomic_write_bytes(Path(run_dir) / f"{stem}.safetensors", safetensors_bytes(state))
-    atomic_write_text(Path(run_dir) / f"{stem}.json", json.dumps(meta, indent=2))
+    write_model_meta(Path(run_dir) / f"{stem}.json", meta)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-def resolve_model_files(path: str | os.PathLike, stem: str = "model") -> tuple[Path, Path]:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        weights, meta = path / f"{stem}.safetensors", path / f"{stem}.json"
-    elif path.suffix in (".safetensors", ".json"):
-        weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    else:
-        raise VisionRecipeError(f"{path}: expected a run directory or a .safetensors file")
-    if not path.exists():
-        raise VisionRecipeError(f"model not found: {path}")
-    for file in (weights, meta):
-        if not file.is_file():
-            raise VisionRecipeError(f"{path} is not a visionrecipe model: {file.name} is missing")
-    return weights, meta
-
-
-def read_meta(meta_path: Path) -> dict:
-    try:
-        meta = json.loads(Path(meta_path).read_text())
-    except (OSError, ValueError) as exc:
-        raise VisionRecipeError(f"{meta_path} is not a visionrecipe model description: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise VisionRecipeError(f"{meta_path} is not a visionrecipe model description")
-    return meta
 
 
 def read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
@@ -105,20 +75,21 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 
 def load_model(path: str | os.PathLike, stem: str = "model") -> tuple[torch.nn.Module, dict]:
     """Rebuild the architecture named in the JSON and load the safetensors weights, in eval mode."""
-    weights_path, meta_path = resolve_model_files(path, stem)
-    meta = read_meta(meta_path)
+    weights_path, meta_path = model_files(path, stem)
+    meta = read_model_meta(meta_path)
     model = build_from_meta(meta)
     load_into(model, read_weights(weights_path), str(weights_path))
     return model.eval(), meta
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
+def write_resume_file(path: Path, state: dict[str, Any]) -> None:
+    """state.pt: the training state (train/state.py) as one torch file, tagged with the format."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({"format": MODEL_FORMAT, **state}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_state(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_resume_file(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Resume state; `weights_only=True` so a hostile file cannot run code. `required` keys
     missing (a state from another version) are a one-line error, not a KeyError later."""
     path = Path(path)
@@ -128,7 +99,7 @@ def load_state(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise VisionRecipeError(f"{path} is not a readable visionrecipe checkpoint ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise VisionRecipeError(f"{path} is not a visionrecipe checkpoint")
     missing = [key for key in required if key not in state]
     if missing:

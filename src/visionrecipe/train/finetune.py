@@ -149,7 +149,7 @@ def extract_state_dict(obj, source: str) -> dict[str, torch.Tensor]:
 
 def _model_files(weights: str) -> tuple[Path, dict | None]:
     """(weights file, the run's model.json or None) for a --weights path; errors name what is wrong."""
-    from visionrecipe.models.checkpoint import read_meta
+    from visionrecipe.rundir import read_model_meta
 
     path = Path(weights).expanduser()
     if not path.exists():
@@ -158,10 +158,10 @@ def _model_files(weights: str) -> tuple[Path, dict | None]:
         if not (path / "model.safetensors").is_file() or not (path / "model.json").is_file():
             raise VisionRecipeError(f"--weights {weights}: not a run directory (model.safetensors and "
                                     "model.json expected)")
-        return path / "model.safetensors", read_meta(path / "model.json")
+        return path / "model.safetensors", read_model_meta(path / "model.json")
     if path.suffix == ".safetensors":  # with a .json beside it, a visionrecipe model file
         meta = path.with_suffix(".json")
-        return path, read_meta(meta) if meta.is_file() else None
+        return path, read_model_meta(meta) if meta.is_file() else None
     if path.suffix in STATE_DICT_SUFFIXES:
         return path, None
     raise VisionRecipeError(f"--weights {weights}: expected imagenet, a run directory, a .safetensors file or "
@@ -334,9 +334,9 @@ def load_initial_weights(model: nn.Module, cfg, spec, num_classes: int, classes:
     """
     last = Path(resume_dir) / "last.json" if resume_dir is not None else None
     if last is not None and last.is_file():
-        from visionrecipe.models.checkpoint import read_meta
+        from visionrecipe.rundir import read_model_meta
 
-        meta = read_meta(last)
+        meta = read_model_meta(last)
         return {k: meta[k] for k in ("mean", "std", "init_weights") if k in meta}
     own = model.state_dict()
     stem, _ = _stem_keys(own, spec.head_path)

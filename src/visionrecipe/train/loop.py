@@ -39,7 +39,7 @@ from visionrecipe.train.callbacks import nan_injection_steps, open_tensorboard, 
 from visionrecipe.train.tasks import check_task, compute_multilabel_metrics, init_prior_bias, task_loss
 from visionrecipe.train.optim import EMA, build_optimizer, small_data_batch
 from visionrecipe.train.state import STATE_KEYS, data_fingerprint, load_state, plan_resume, save_state
-from visionrecipe.run import Run
+from visionrecipe.rundir import Run
 from visionrecipe.rundir import append_metrics, check_run_dir, ensure_room, prepare_run_dir, truncate_metrics, unlock
 from visionrecipe.train.schedule import lr_factor
 from visionrecipe.system import local_rank, log, select_device, set_threads, shutdown, warn, world
@@ -93,7 +93,7 @@ class Trainer:
         elif self.world.is_main:
             check_run_dir(cfg)  # a refused --out fails now, before any data is decoded; nothing is written
         # The resume state is read before any data is decoded: a damaged file fails in a second.
-        state = ckpt.load_state(self.resume_dir / "state.pt", STATE_KEYS) if self.resume_dir is not None else None
+        state = ckpt.read_resume_file(self.resume_dir / "state.pt", STATE_KEYS) if self.resume_dir is not None else None
         with self.world.main_first():  # rank 0 decodes and caches a folder; the others read the cache
             self.data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
                                      val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,

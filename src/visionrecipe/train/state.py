@@ -1,7 +1,7 @@
 """Exact resume: what may change on `--resume`, and the state.pt that makes it bit for bit.
 
     run_dir, cfg, changed = plan_resume("runs/x", {"progress": False})
-    save_state(trainer); load_state(trainer, ckpt.load_state(path))
+    save_state(trainer); load_state(trainer, ckpt.read_resume_file(path))
 
 The data order needs no saved state (a function of seed and epoch) and augmentation is seeded by
 the step; everything else that moves (weights, optimizer moments, EMA, the epoch's partial loss,
@@ -126,14 +126,14 @@ def save_state(trainer) -> None:
     if not trainer.world.is_main:
         return
     state = {
-        "format": ckpt.FORMAT, "model": ckpt.unwrap(trainer.model).state_dict(),
+        "model": ckpt.unwrap(trainer.model).state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "ema": trainer.ema.model.state_dict() if trainer.ema else None,
         "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position, "total_steps": trainer.total_steps,
         "epochs": trainer.cfg.optim.epochs, "best_acc": trainer.best_acc, "elapsed": trainer.elapsed,
         "nan_skips": trainer.nan_skips, "loss_sum": partial[0].cpu(), "seen": int(partial[1]),
         "world_size": trainer.world.size, "rng": rng, "data": trainer.data_fingerprint,
     }
-    ckpt.save_state(trainer.run_dir / "state.pt", state)
+    ckpt.write_resume_file(trainer.run_dir / "state.pt", state)
 
 def load_state(trainer, state: dict) -> None:
     """Continue from `state` (read in setup). The data order needs no state: it is a function

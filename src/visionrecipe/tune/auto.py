@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from visionrecipe.rundir import atomic_write_text, read_metrics
+from visionrecipe.rundir import METRICS, atomic_write_text, has_model, read_metrics
 from visionrecipe.config import Config, apply_overrides
 from visionrecipe.errors import VisionRecipeError
 
@@ -263,7 +263,7 @@ def best_trial_run(result) -> dict | None:
     if result.best_trial is None or result.best_value is None:
         return None
     path = Path(result.out) / "trials" / f"{result.best_trial:04d}"
-    if not (path / "model.json").is_file() or not (path / "metrics.jsonl").is_file():
+    if not has_model(path) or not (path / METRICS).is_file():
         return None
     records = read_metrics(path)
     return {"number": result.best_trial, "path": path, "val_acc": result.best_value,
@@ -273,7 +273,7 @@ def best_trial_run(result) -> dict | None:
 def hand_over_trial(trial: dict, final: Path, why: str):
     """Copy the trial's run directory to `final` (its config says where it now lives)."""
     from visionrecipe.config import load_config, save_config
-    from visionrecipe.run import Run
+    from visionrecipe.rundir import Run
 
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(trial["path"], final, ignore=shutil.ignore_patterns("state.pt", "train.log"))
