@@ -176,10 +176,9 @@ def test_cache_round_trip_and_invalidation(tmp_path):
     assert torch.equal(third.test.images[0], read_image(changed, image_size=None))
     assert not torch.equal(third.test.images[0], before)
 
-    cache_files = list((tmp_path / "cache" / "tensors").glob("*.pt"))
-    assert len(cache_files) == 2
-    for f in cache_files:
-        f.write_bytes(b"garbage")
+    manifests = list((tmp_path / "cache" / "records").glob("*/manifest.json"))
+    assert len(manifests) == 1  # one cache per folder, updated in place (tests/test_cache.py)
+    manifests[0].write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="cache"):
         fourth = load(tmp_path / "d", tmp_path)
     assert not fourth.from_cache and torch.equal(fourth.train.images, third.train.images)

@@ -11,7 +11,8 @@ Usage::
     x = read_image("new.jpg", image_size=64)        # same preprocessing as training
 
 Everything stays on the CPU; the trainer moves the tensors to its device. A folder is
-decoded once into ``<data_dir>/tensors/`` and served from there until a file changes.
+decoded once into ``<data_dir>/records/`` (data/cache.py) and mapped from there; only files
+added or changed since are decoded again.
 
 The modules: load.py (which loader a spec names), folder.py, manifest.py, cifar.py, digits.py
 (the loaders), split.py (Dataset, Split, the validation rules), decode.py (files to tensors,

@@ -2,10 +2,11 @@
 
 Usage::
 
-    from visionrecipe.data.decode import read_image, decode_files, resize_images
+    from visionrecipe.data.decode import read_image, decode_files, iter_decoded, resize_images
 
     image = read_image("cat.jpg", image_size=32)          # uint8 3×32×32, as in training
     images, kept, skipped = decode_files(paths, image_size=None, workers=None, progress=True)
+    for rows, block, failed in iter_decoded(paths, image_size=32, workers=None, progress=True): ...
     images = resize_images(images, 64)                      # uint8 N×C×64×64 via the same PIL resize
 
 Every image goes through ``data/pil.py``'s ``decode_pil`` (training, ``predict``, the ONNX path
@@ -106,21 +107,22 @@ def default_workers(workers: int | None) -> int:
     return workers
 
 
-def decode_files(
-    paths: list[str], *, image_size: int | None, workers: int | None, progress: bool, desc: str = "decoding"
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """Decode every file once → (images of readable files, kept mask over paths, skipped).
+def iter_decoded(paths: list[str], *, image_size: int | None, workers: int | None, progress: bool,
+                 desc: str = "decoding"):
+    """Decode files in order, one chunk of CHUNK_FILES at a time → yields (rows, block, failed).
 
-    Chunks of CHUNK_FILES go to a process pool (all cores by default); blocks come back
-    in order and are written into one preallocated array, so 60,000 images never
-    exist twice. Unreadable files are returned in ``skipped``; the caller warns or raises.
+        for rows, block, failed in iter_decoded(paths, image_size=32, workers=None, progress=False):
+            out[rows] = block          # rows: indices into paths of the readable files, in order
+            # failed: [(index into paths, one-line reason), ...]; block is None when all failed
+
+    Chunks go to a process pool (all cores by default) and come back in order, so a caller
+    can write each block away (the disk cache) and never hold more than a few chunks. With no
+    image_size every image must share the first one's size: a mismatch is a one-line error.
     """
     workers = default_workers(workers)
-    tasks = [(paths[i : i + CHUNK_FILES], image_size) for i in range(0, len(paths), CHUNK_FILES)]
-    kept = np.zeros(len(paths), dtype=bool)
-    skipped: list[tuple[str, str]] = []
-    out: np.ndarray | None = None
-    first_path = ""
+    chunk = CHUNK_FILES  # read at call time: tests shrink it
+    tasks = [(paths[i : i + chunk], image_size) for i in range(0, len(paths), chunk)]
+    first: tuple[str, tuple] | None = None  # (path, C×H×W) of the first readable image
     pool = None
     if workers > 1 and len(paths) >= MIN_FILES_FOR_POOL:
         import multiprocessing
@@ -130,29 +132,45 @@ def decode_files(
         results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
         with tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
             for task_index, result in enumerate(results):
-                start = task_index * CHUNK_FILES
+                start, count = task_index * chunk, len(tasks[task_index][0])
                 if result[0] == "mismatch":
                     raise _size_error(*result[1:])
                 _, block, failed, first_good = result
-                for i, reason in failed:
-                    skipped.append((paths[start + i], reason))
                 if block is not None:
-                    if out is None:
-                        out = np.empty((len(paths), *block.shape[1:]), dtype=np.uint8)
-                        first_path = paths[start + first_good]
-                    elif block.shape[1:] != out.shape[1:]:
-                        shape_a, shape_b = out.shape[2:] + (3,), block.shape[2:] + (3,)
-                        raise _size_error(first_path, shape_a, paths[start + first_good], shape_b)
-                    good = np.ones(len(tasks[task_index][0]), dtype=bool)
-                    good[[i for i, _ in failed]] = False
-                    rows = start + np.flatnonzero(good)
-                    out[rows] = block
-                    kept[rows] = True
-                bar.update(len(tasks[task_index][0]))
+                    if first is None:
+                        first = (paths[start + first_good], block.shape[1:])
+                    elif block.shape[1:] != first[1]:
+                        shape_a, shape_b = first[1][1:] + (3,), block.shape[2:] + (3,)  # H, W, C as PIL's
+                        raise _size_error(first[0], shape_a, paths[start + first_good], shape_b)
+                good = np.ones(count, dtype=bool)
+                good[[i for i, _ in failed]] = False
+                yield start + np.flatnonzero(good), block, [(start + i, reason) for i, reason in failed]
+                bar.update(count)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+def decode_files(
+    paths: list[str], *, image_size: int | None, workers: int | None, progress: bool, desc: str = "decoding"
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Decode every file into memory → (images of readable files, kept mask over paths, skipped).
+
+    The in-memory form of iter_decoded (the folder loader writes to the disk cache instead).
+    Unreadable files are returned in ``skipped``; the caller warns or raises.
+    """
+    kept = np.zeros(len(paths), dtype=bool)
+    skipped: list[tuple[str, str]] = []
+    out: np.ndarray | None = None
+    for rows, block, failed in iter_decoded(paths, image_size=image_size, workers=workers, progress=progress,
+                                            desc=desc):
+        skipped += [(paths[i], reason) for i, reason in failed]
+        if block is not None:
+            if out is None:
+                out = np.empty((len(paths), *block.shape[1:]), dtype=np.uint8)
+            out[rows] = block
+            kept[rows] = True
     if out is None:
         size = image_size or 0
         return torch.zeros((0, 3, size, size), dtype=torch.uint8), torch.from_numpy(kept), skipped

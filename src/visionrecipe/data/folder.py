@@ -23,15 +23,14 @@ order (classes in order, ``os.walk`` sorted, files sorted), so both agree exactl
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from visionrecipe.data.cache import cache_key, load_cached, save_cached
-from visionrecipe.data.decode import decode_files, warn_skipped
+from visionrecipe.data.cache import load_records
+from visionrecipe.data.decode import warn_skipped
 from visionrecipe.data.split import Dataset, Split, finish_dataset, stratified_split, subset
 from visionrecipe.errors import VisionRecipeError
 
@@ -169,19 +168,11 @@ def _absolute(root: Path, relpaths: list[str]) -> list[str]:
 
 
 def _decode_or_load(root: Path, listing: _Listing, data_dir: Path, image_size, progress, workers):
-    """(images of readable files, kept mask, skipped, decode_seconds, from_cache)."""
-    key = cache_key(root, image_size, [(p, s, m) for p, (s, m) in zip(listing.relpaths, listing.stats)])
-    entry = load_cached(data_dir, key, len(listing.relpaths))
-    if entry is not None:
-        return entry["images"], entry["kept"], entry["skipped"], 0.0, True
-    started = time.perf_counter()
-    paths = _absolute(root, listing.relpaths)
-    images, kept, skipped = decode_files(
-        paths, image_size=image_size, workers=workers, progress=progress, desc=f"decoding {root.name}"
-    )
-    seconds = time.perf_counter() - started
-    save_cached(data_dir, key, {"images": images, "kept": kept, "skipped": skipped})
-    return images, kept, skipped, seconds, False
+    """(images of readable files, kept mask, skipped, decode_seconds, from_cache), through the
+    disk cache: only files new or changed since the last call are decoded."""
+    loaded = load_records(root, listing.relpaths, listing.stats, source=str(root), data_dir=data_dir,
+                          image_size=image_size, progress=progress, workers=workers, desc=f"decoding {root.name}")
+    return loaded.images, loaded.kept, loaded.skipped, loaded.seconds, loaded.decoded == 0
 
 
 def load_folder(

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import csv
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from visionrecipe.data.cache import cache_key, load_cached, save_cached
-from visionrecipe.data.decode import decode_files, warn_skipped
+from visionrecipe.data.cache import load_records
+from visionrecipe.data.decode import warn_skipped
 from visionrecipe.data.split import Dataset, Split, subset
 from visionrecipe.errors import VisionRecipeError
 
@@ -101,26 +100,21 @@ def confined_relpaths(path: Path, files: list[str], allow_outside_paths: bool = 
     return relpaths
 
 
-def _decode(root: Path, relpaths: list[str], data_dir: Path, image_size, progress, workers):
-    """(images, kept mask, skipped, decode seconds, from cache), through the folder cache."""
+def _decode(path: Path, relpaths: list[str], data_dir: Path, image_size, progress, workers):
+    """(images, kept mask, skipped, decode seconds, from cache), through the disk cache."""
+    root = path.parent
     paths = [os.path.join(root, p) for p in relpaths]
     stats = []
-    for path in paths:
+    for file in paths:
         try:
-            stat = os.stat(path)
+            stat = os.stat(file)
             stats.append((stat.st_size, stat.st_mtime_ns))
         except OSError:  # missing file: the decoder reports it as unreadable
             stats.append((-1, -1))
-    key = cache_key(root, image_size, [(p, s, m) for p, (s, m) in zip(relpaths, stats)])
-    entry = load_cached(data_dir, key, len(paths))
-    if entry is not None:
-        return entry["images"], entry["kept"], entry["skipped"], 0.0, True
-    started = time.perf_counter()
-    images, kept, skipped = decode_files(paths, image_size=image_size, workers=workers, progress=progress,
-                                         desc=f"decoding {root.name}")
-    seconds = time.perf_counter() - started
-    save_cached(data_dir, key, {"images": images, "kept": kept, "skipped": skipped})
-    return images, kept, skipped, seconds, False
+    # Keyed by the manifest, not its folder: a folder dataset there lists other files.
+    loaded = load_records(root, relpaths, stats, source=str(path), data_dir=data_dir, image_size=image_size,
+                          progress=progress, workers=workers, desc=f"decoding {root.name}")
+    return loaded.images, loaded.kept, loaded.skipped, loaded.seconds, loaded.decoded == 0
 
 
 def load_manifest(spec: str, path: Path, *, data_dir: Path, image_size, val_fraction, seed, strict,
@@ -138,7 +132,7 @@ def load_manifest(spec: str, path: Path, *, data_dir: Path, image_size, val_frac
     if not classes:
         raise VisionRecipeError(f"manifest {path} names no labels (the second column, ';'-separated)")
     relpaths = confined_relpaths(path, files, allow_outside_paths)
-    images, kept, skipped, seconds, from_cache = _decode(root, relpaths, data_dir, image_size, progress, workers)
+    images, kept, skipped, seconds, from_cache = _decode(path, relpaths, data_dir, image_size, progress, workers)
     if strict and skipped:
         bad, reason = skipped[0]
         raise VisionRecipeError(f"unreadable image {bad}: {reason}"
