@@ -32,12 +32,25 @@ def cmd_train(args) -> int:
     if args.nproc and args.nproc > 1:
         from visionrecipe.train.launch import launch
 
-        return launch(args.nproc, args.argv)
+        return launch(args.nproc, args.argv, launch_config)
     if args.resume:
         resume(args.resume, **resume_settings(args))
     else:
         train(config_from_args(args))
     return 0
+
+
+def launch_config(argv: list[str]) -> tuple:
+    """(config, resuming) of a `train` command line, as a worker will read it: what `--nproc`
+    checks once before it starts the workers (train/launch.py)."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) != "train":
+        raise VisionRecipeError("--nproc applies to `visionrecipe train` only")
+    if args.resume:
+        from visionrecipe.train.state import plan_resume
+
+        return plan_resume(args.resume, resume_settings(args))[1], True
+    return config_from_args(args), False
 
 
 def resume_settings(args) -> dict:

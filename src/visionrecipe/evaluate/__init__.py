@@ -6,6 +6,6 @@
 scoring.py computes the metrics; report.py writes report.html from them.
 """
 
-from visionrecipe._callable import make_callable
+from visionrecipe import make_callable
 
 make_callable(__name__, "visionrecipe.evaluate.scoring", "evaluate_run")

@@ -37,8 +37,8 @@ from visionrecipe.models.summary import (
     module_layer_table,
 )
 
-# Imported for their @register_model side effects.
-from visionrecipe.models import fastnet, seedcnn  # noqa: F401
+# Imported for their @register_model (and timm's register_prefix) side effects.
+from visionrecipe.models import fastnet, seedcnn, timm_models  # noqa: F401
 from visionrecipe.models.torchvision_models import pretrained_weights
 
 __all__ = [

@@ -9,7 +9,8 @@ Usage::
     model = create_model("fastnet", num_classes=10, width=0.5, head="mlp:256")
     model = create_model("timm:convnext_atto", num_classes=10)   # needs timm installed
 
-A model module registers its builders with ``@register_model``. A builder takes
+A model module registers its builders with ``@register_model``; a family too large to list
+(timm's) registers a prefix with ``register_prefix`` and makes its specs on the fly. A builder takes
 ``(num_classes, in_channels, image_size, **options)`` and returns an ``nn.Module`` whose
 final classifier sits at the dotted path ``head_path``. ``create_model`` checks the
 user's arguments here, at the edge, and then always swaps in a fresh head through
@@ -28,8 +29,7 @@ from torch import nn
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.models.heads import parse_head, replace_head
 
-TIMM_PREFIX = "timm:"
-
+PREFIX_SEPARATOR = ":"  # "timm:convnext_atto": names with it belong to a family's prefix
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -45,6 +45,7 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_PREFIXES: dict[str, Callable[[str], ModelSpec]] = {}  # "timm:" -> spec of the name after it
 
 
 def register_model(
@@ -57,8 +58,8 @@ def register_model(
     options: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator that registers a builder under ``name``; a second use of a name is a bug."""
-    if name.startswith(TIMM_PREFIX):
-        raise ValueError(f"model names starting with '{TIMM_PREFIX}' are reserved for timm")
+    if PREFIX_SEPARATOR in name:
+        raise ValueError(f"model names with '{PREFIX_SEPARATOR}' are reserved for prefixed families (timm:<name>)")
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
@@ -78,6 +79,13 @@ def register_model(
     return decorator
 
 
+def register_prefix(prefix: str, resolver: Callable[[str], ModelSpec]) -> None:
+    """``prefix + name`` is the spec ``resolver(name)`` makes; e.g. ("timm:", timm_spec)."""
+    if not prefix.endswith(PREFIX_SEPARATOR) or prefix in _PREFIXES:
+        raise ValueError(f"model prefix {prefix!r} must end with '{PREFIX_SEPARATOR}' and be registered once")
+    _PREFIXES[prefix] = resolver
+
+
 def list_models() -> list[str]:
     """Sorted registered names; timm models are reached as ``timm:<name>`` and not listed."""
     return sorted(_REGISTRY)
@@ -85,11 +93,9 @@ def list_models() -> list[str]:
 
 def get_spec(name: str) -> ModelSpec:
     """The spec for ``name``; ``timm:<name>`` specs are built on the fly."""
-    if name.startswith(TIMM_PREFIX):
-        # Imported here: timm is optional and slow to import.
-        from visionrecipe.models.timm_models import timm_spec
-
-        return timm_spec(name[len(TIMM_PREFIX) :])
+    for prefix, resolver in _PREFIXES.items():
+        if name.startswith(prefix):
+            return resolver(name[len(prefix) :])
     if name not in _REGISTRY:
         raise VisionRecipeError(_unknown_message(name))
     return _REGISTRY[name]
@@ -99,7 +105,8 @@ def _unknown_message(name: str) -> str:
     close = difflib.get_close_matches(name, list_models(), n=3)
     if close:
         return f"unknown model '{name}'; did you mean: {', '.join(close)}?"
-    return f"unknown model '{name}'; choose one of: {', '.join(list_models())} or timm:<name>"
+    families = "".join(f" or {prefix}<name>" for prefix in _PREFIXES)
+    return f"unknown model '{name}'; choose one of: {', '.join(list_models())}{families}"
 
 
 def _check_count(what: str, value: object) -> None:

@@ -21,8 +21,9 @@ import functools
 from torch import nn
 
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.models.registry import TIMM_PREFIX, ModelSpec
+from visionrecipe.models.registry import ModelSpec, register_prefix
 
+TIMM_PREFIX = "timm:"
 # Keyword options passed through to timm.create_model; every timm model accepts them.
 TIMM_OPTIONS = ("drop_rate", "drop_path_rate")
 
@@ -68,3 +69,6 @@ def _build(timm_name: str, num_classes: int, in_channels: int, image_size: int, 
     return timm.create_model(
         timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options
     )
+
+
+register_prefix(TIMM_PREFIX, timm_spec)

@@ -8,6 +8,6 @@ loop.py is the loop; build.py builds what a run needs; state.py the exact-resume
 launch.py starts torchrun; optim.py, schedule.py, augment.py, tasks.py, finetune.py its parts.
 """
 
-from visionrecipe._callable import make_callable
+from visionrecipe import make_callable
 
 make_callable(__name__, "visionrecipe.train.loop", "train")

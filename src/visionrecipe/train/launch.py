@@ -9,8 +9,8 @@ Each process trains a DistributedDataParallel copy (gloo on CPU, NCCL on GPU) on
 every global batch; `--batch-size` is the global batch, so N processes take the same steps with
 the same learning rate as one (trainer.py). Only rank 0 writes files and prints.
 
-`launch` runs torchrun with `-m visionrecipe.train.launch`, which is `python -m visionrecipe`
-plus one thing: each worker records its exit status in a folder torchrun knows nothing about,
+`launch` runs torchrun with `-m visionrecipe` and STATUS_ENV set, so each worker (see
+__main__.py and `worker_main`) records its exit status in a folder torchrun knows nothing about,
 so `--nproc` exits with the workers' status (2 for a user error, 1 for a NaN stop, 130/143
 when interrupted) instead of torchrun's generic 1.
 """
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.system import physical_cores
@@ -43,20 +44,21 @@ except SignalException as exc:
 """
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], read_config: Callable[[list[str]], tuple]) -> int:
     """Run `visionrecipe <argv>` (a train command) in `nproc` processes under torchrun on this
-    machine; returns the workers' exit status."""
+    machine; returns the workers' exit status. `read_config(argv)` is the command line's own
+    reading of argv, (config, resuming): passed in, so the launcher never imports the CLI."""
     if nproc < 1:
         raise VisionRecipeError(f"--nproc {nproc}: expected at least 1 process")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VisionRecipeError("--nproc inside torchrun: give the number of processes to torchrun only")
-    argv = check_before_launch(without_nproc(argv), nproc)
+    argv = check_before_launch(without_nproc(argv), nproc, read_config)
     with tempfile.TemporaryDirectory(prefix="visionrecipe-status-") as status_dir:
         env = {**os.environ, STATUS_ENV: status_dir}
         # torchrun would otherwise set 1 with a warning; set_threads makes the same split.
         env.setdefault("OMP_NUM_THREADS", str(max(1, physical_cores() // nproc)))
         command = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "visionrecipe.train.launch", *argv]
+                   "-m", "visionrecipe", *argv]
         code = run_forwarding_signals(command, env)
         return workers_status(Path(status_dir), code)
 
@@ -76,29 +78,21 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def check_before_launch(argv: list[str], nproc: int) -> list[str]:
+def check_before_launch(argv: list[str], nproc: int, read_config: Callable[[list[str]], tuple]) -> list[str]:
     """The checks a worker would fail on, done once here so the error is one line (torchrun
     would wrap it in a page of its own); returns argv with the run directory spelled out, so
     every process uses the same one (the default name holds the time)."""
-    from visionrecipe.cli import build_parser, resume_settings
-    from visionrecipe.config import config_from_args, resolve_recipe
+    from visionrecipe.config import resolve_recipe
     from visionrecipe.models import get_spec
-    from visionrecipe.train.state import plan_resume
     from visionrecipe.rundir import check_run_dir
 
-    args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) != "train":
-        raise VisionRecipeError("--nproc applies to `visionrecipe train` only")
-    if args.resume:
-        _, cfg, _ = plan_resume(args.resume, resume_settings(args))
-    else:
-        cfg = config_from_args(args)
+    cfg, resuming = read_config(argv)
     cfg = resolve_recipe(cfg)
     get_spec(cfg.model.model)
     if cfg.optim.batch_size % nproc:
         raise VisionRecipeError(f"--batch-size {cfg.optim.batch_size} is the global batch and must be a "
                                 f"multiple of --nproc {nproc}")
-    if args.resume:
+    if resuming:
         return argv  # the workers read state.pt first thing, before any data
     out = check_run_dir(cfg)  # refusals only: rank 0 creates (or clears) it once the data is read
     return [*argv, "--out", str(out)]
@@ -139,10 +133,8 @@ def record_status(code: int) -> None:
         Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
-def worker_main(argv: list[str]) -> int:
-    """`python -m visionrecipe.train.launch ARGS` = `python -m visionrecipe ARGS`, recording the status."""
-    from visionrecipe.cli import main
-
+def worker_main(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """One torchrun worker: the command line's `main(argv)`, its exit status recorded (__main__.py)."""
     code = 1  # an exception escaping main is a crash
     try:
         code = main(argv)
@@ -152,7 +144,3 @@ def worker_main(argv: list[str]) -> int:
     finally:
         record_status(code)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))

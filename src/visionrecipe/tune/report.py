@@ -1,6 +1,7 @@
 """What a tune leaves behind: the table of trials, best.yaml, parameter importance, tune_report.html.
 
     result = summarize(study, Path("runs/tune1"), base={"data": "digits"}, seconds=120.0)
+    best = best_trial(finished(study)); score(best)   # what the trials say, as study.py reads it too
 
 best.yaml is the best trial's full flat config, so `visionrecipe train --config best.yaml` repeats
 that trial (same seed, same validation split, same validation accuracy on CPU). The report is one
@@ -13,15 +14,51 @@ import base64
 import html
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from visionrecipe.rundir import atomic_write_text
-from visionrecipe.tune.study import TuneResult, best_trial, finished, format_value, score
 
 # best.yaml is for `train`: a normal run directory, progress bar and report, the user's threads.
 RUN_SETTINGS = {"out": None, "overwrite": False, "progress": True, "report": True}
+
+
+@dataclass
+class TuneResult:
+    out: Path
+    best_value: float | None
+    best_trial: int | None
+    best_config: dict | None
+    best_yaml: Path | None
+    report: Path | None
+    counts: dict[str, int]
+    seconds: float
+
+
+# --- reading the study's trials (the workers' progress lines use these too) ---------------------
+def finished(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def best_trial(done: list):
+    """The best complete trial; the best pruned one while none is complete."""
+    complete = [t for t in done if t.state.name == "COMPLETE"]
+    return max(complete or done, key=lambda t: score(t) or 0.0, default=None)
+
+
+def score(trial) -> float | None:
+    """A trial's score: its best per-epoch validation accuracy (a pruned trial's too)."""
+    values = list(trial.intermediate_values.values())
+    return max(values) if values else trial.value
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def summarize(study, out: Path, base: dict, seconds: float) -> TuneResult:

@@ -40,6 +40,7 @@ from visionrecipe.rundir import atomic_write_text
 from visionrecipe.config import Config, apply_overrides, load_config, resolve_recipe
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.system import physical_cores
+from visionrecipe.tune.report import TuneResult, best_trial, finished, format_value, score, summarize
 from visionrecipe.tune.storage import fail_dead_trials, open_storage, optuna_module, worker_identity
 from visionrecipe.tune.space import default_space, load_space, recipe_trial, space_from_dict, space_to_dict, suggest
 
@@ -59,18 +60,6 @@ class TuneOptions:
     storage: str | None = None  # RDB URL or journal file; default sqlite out/study.db
     study: str = "visionrecipe"
     overwrite: bool = False  # start the study afresh
-
-
-@dataclass
-class TuneResult:
-    out: Path
-    best_value: float | None
-    best_trial: int | None
-    best_config: dict | None
-    best_yaml: Path | None
-    report: Path | None
-    counts: dict[str, int]
-    seconds: float
 
 
 def make_sampler(seed: int):
@@ -123,8 +112,6 @@ def tune(base: dict[str, Any], options: TuneOptions) -> TuneResult:
         work(job, worker=0)
     else:
         run_workers(job, options.workers)
-    from visionrecipe.tune.report import summarize
-
     return summarize(study, out, base, seconds=time.time() - start)
 
 
@@ -210,24 +197,6 @@ def image_size(cfg: Config) -> int:
                         seed=cfg.run.seed, strict=cfg.data.strict, workers=cfg.data.workers,
                         allow_outside_paths=cfg.data.allow_outside_paths)
     return int(data.train.images.shape[-1])
-
-
-def finished(study) -> list:
-    from optuna.trial import TrialState
-
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-
-
-def best_trial(done: list):
-    """The best complete trial; the best pruned one while none is complete."""
-    complete = [t for t in done if t.state.name == "COMPLETE"]
-    return max(complete or done, key=lambda t: score(t) or 0.0, default=None)
-
-
-def score(trial) -> float | None:
-    """A trial's score: its best per-epoch validation accuracy (a pruned trial's too)."""
-    values = list(trial.intermediate_values.values())
-    return max(values) if values else trial.value
 
 
 # --- workers -------------------------------------------------------------------------------------
@@ -383,7 +352,3 @@ def progress_line(study, trial, job: dict, outcome: dict) -> None:
     params = " ".join(f"{k}={format_value(v)}" for k, v in trial.params.items())
     print(f"[{len(done)}/{job['trials']}] trial {trial.number} {state}: {result} in {seconds:.1f}s | {best_text}"
           f"{left} | {params}", flush=True)
-
-
-def format_value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
