@@ -82,3 +82,77 @@ def test_models_lists_and_layer_table():
     assert proc.returncode == 0
     # the seed's network at 32×32: the flatten is 128·8·8, so fc1 holds 8192·1024 + 1024 parameters
     assert "8,389,632" in proc.stdout and "8,475,530" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- flags from dataclasses
+
+def subparsers():
+    import argparse
+
+    from visionrecipe.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_command_has_its_flags_from_its_dataclasses():
+    """The parser's arguments are exactly the fields of the dataclasses the command table names."""
+    from visionrecipe.cli import COMMANDS, cli_fields
+
+    parsers = subparsers()
+    assert list(parsers) == [c.name for c in COMMANDS] == ["train", "evaluate", "predict", "models", "doctor",
+                                                           "report", "tune", "auto", "export", "serve"]
+    for command in COMMANDS:
+        declared = [f.name for entry in command.settings for f in cli_fields(entry)]
+        assert len(declared) == len(set(declared)), f"{command.name}: a setting declared twice"
+        dests = {a.dest for a in parsers[command.name]._actions if a.dest != "help"}
+        assert dests == set(declared), command.name
+
+
+def test_every_flag_has_help_and_enumerations_show_choices_and_defaults():
+    parsers = subparsers()
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    train = parsers["train"].format_help()
+    assert "--optimizer {sgd,adam,adamw,adagrad}" in train and "--schedule {constant,cosine,onecycle,triangle}" in train
+    assert "(default: recipe fast: 1.5 per 1024 images; standard: 0.001)" in " ".join(train.split())
+    assert "(default: recipe fast: sgd; standard: adamw)" in " ".join(train.split())
+    tune = " ".join(parsers["tune"].format_help().split())
+    assert "--pruner {median,halving,none}" in tune and "(default: median)" in tune
+    assert "--search-budget" in tune and "--trial-workers" in tune and "(default: 20)" in tune
+    assert "(default: recipe fast: 512; standard: 64)" in tune  # the trials' batch size
+    for command, flag in [("predict", "--topk"), ("evaluate", "--split"), ("models", "--image-size")]:
+        action = next(a for a in parsers[command]._actions if flag in a.option_strings)
+        assert action.help
+
+
+def test_a_flag_means_one_thing_everywhere():
+    """One flag, one setting: it sets the same name in every command, and the settings that were
+    declared several times by hand (--device, --seed, --time-budget) come from one field."""
+    from visionrecipe.cli import COMMANDS, cli_fields, flag_of
+    from visionrecipe.config import FIELDS
+
+    dest_of, field_of = {}, {}
+    for command in COMMANDS:
+        for entry in command.settings:
+            for f in cli_fields(entry):
+                flag = flag_of(f)
+                assert dest_of.setdefault(flag, f.name) == f.name, flag
+                field_of.setdefault(flag, set()).add(f)
+    for flag in ("--device", "--seed", "--threads", "--time-budget", "--decode-workers", "--data-dir", "--config"):
+        assert len(field_of[flag]) == 1, flag
+    assert FIELDS["time_budget"][1] in field_of["--time-budget"]  # seconds of training, in train and tune
+    assert "--workers" not in dest_of and "--trial-budget" not in dest_of
+    assert {f.name for f in field_of["--search-budget"]} == {"search_budget"}  # tune's and auto's whole job
+    parsers = subparsers()
+    assert parsers["tune"].parse_args(["--out", "t", "--time-budget", "30"]).time_budget == 30.0
+    assert parsers["train"].parse_args(["--decode-workers", "2"]).workers == 2
+
+
+def test_bad_values_of_any_command_are_one_line_errors(tmp_path):
+    assert_one_line_error(run_cli("tune", "--data", "digits", cwd=tmp_path), "--out")
+    assert_one_line_error(run_cli("auto", "--out", tmp_path / "a", cwd=tmp_path), "--search-budget")
+    assert_one_line_error(run_cli("predict", "m.onnx", "a.png", "--topk", "x", cwd=tmp_path), "topk", "x")
+    assert_one_line_error(run_cli("evaluate", "run", "--split", "dev", cwd=tmp_path), "split", "dev")
+    assert_one_line_error(run_cli("tune", "--out", tmp_path / "t", "--workers", "2", cwd=tmp_path), "--workers")

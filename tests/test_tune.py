@@ -116,7 +116,7 @@ def test_killed_tune_continues_with_finished_trials_kept(tmp_path, space):
 
 def test_two_workers_share_one_study(tmp_path, space):
     out = tmp_path / "tune"
-    result = run_cli("tune", "--data", "digits", "--space", space(epochs=1), "--trials", 4, "--workers", 2,
+    result = run_cli("tune", "--data", "digits", "--space", space(epochs=1), "--trials", 4, "--trial-workers", 2,
                      "--out", out)
     assert result.returncode == 0, result.stderr
     trials = trials_of(out)
@@ -140,7 +140,7 @@ def timed_auto(*args):
 
 def test_auto_runs_every_stage_within_its_budget(tmp_path, space):
     out = tmp_path / "auto"
-    result, seconds = timed_auto("--time-budget", 40, "--out", out, "--space", space(epochs=1))
+    result, seconds = timed_auto("--search-budget", 40, "--out", out, "--space", space(epochs=1))
     assert result.returncode == 0, result.stderr
     assert seconds <= 40 + AUTO_MARGIN_S, f"auto took {seconds:.1f}s of a 40s budget"
     lines = result.stdout.splitlines()
@@ -161,7 +161,7 @@ def test_auto_keeps_the_best_trial_when_no_time_is_left_to_beat_it(tmp_path, spa
     from visionrecipe.evaluate.scoring import evaluate_run
 
     out = tmp_path / "auto"
-    result, seconds = timed_auto("--time-budget", 30, "--tune-share", 0.95, "--out", out, "--space", space(epochs=1))
+    result, seconds = timed_auto("--search-budget", 30, "--tune-share", 0.95, "--out", out, "--space", space(epochs=1))
     assert result.returncode == 0, result.stderr
     assert seconds <= 30 + AUTO_MARGIN_S, f"auto took {seconds:.1f}s of a 30s budget"
     summary = json.loads((out / "auto.json").read_text())
@@ -264,12 +264,12 @@ def test_auto_overwrite_never_deletes_a_users_file(tmp_path):
     (out / "final").mkdir(parents=True)
     (out / "auto.log").write_text("earlier auto\n")
     (out / "notes.txt").write_text("mine")
-    result = run_cli("auto", "--data", "digits", "--time-budget", 5, "--out", out, "--overwrite")
+    result = run_cli("auto", "--data", "digits", "--search-budget", 5, "--out", out, "--overwrite")
     assert result.returncode == 2 and "notes.txt" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert (out / "notes.txt").read_text() == "mine" and (out / "final").is_dir()
     other = tmp_path / "project"
     other.mkdir()
     (other / "config.yaml").write_text("data: digits\n")
-    result = run_cli("auto", "--data", "digits", "--time-budget", 5, "--out", other, "--overwrite")
+    result = run_cli("auto", "--data", "digits", "--search-budget", 5, "--out", other, "--overwrite")
     assert result.returncode == 2 and "no auto.log" in result.stderr and (other / "config.yaml").is_file()

@@ -47,7 +47,7 @@ def test_every_default_space_round_trips(tmp_path, recipe, max_epochs, image_siz
     space = default_space(image_size=image_size, recipe=recipe, max_epochs=max_epochs)
     assert space["label_smoothing"].low == 0.0 and space["crop_padding"].low == 0  # the bounds that broke
     assert stored_and_loaded(space, tmp_path) == space
-    del space["epochs"]  # what tune searches with --trial-budget
+    del space["epochs"]  # what tune searches with --time-budget
     assert stored_and_loaded(space, tmp_path) == space
 
 

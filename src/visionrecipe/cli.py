@@ -1,10 +1,15 @@
-"""The command line: parse, call the library, print. No logic lives here.
+"""The command line: a table of commands, each with its flags generated from settings dataclasses.
 
     visionrecipe train --data digits --model seedcnn --epochs 10 --out runs/digits
     visionrecipe evaluate runs/digits --json
     visionrecipe predict runs/digits a.png b.jpg --topk 3
     visionrecipe models [NAME --image-size 32]
+    visionrecipe doctor | report | tune | auto | export | serve ...    (`visionrecipe CMD --help`)
 
+COMMANDS below says, for each command, which dataclasses (config.py) its flags come from and which
+function runs it; a function parses nothing and computes nothing: it calls the library and prints.
+A run's settings (Config's sections) keep only what was typed, so a --config file can lie beneath
+them; every other option takes its dataclass default.
 Every user error is a VisionRecipeError, printed as one line on stderr with exit status 2.
 """
 
@@ -13,19 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from dataclasses import MISSING, Field, dataclass, fields
+from typing import Callable
 
-from visionrecipe.config import add_config_arguments, config_from_args
+from visionrecipe.config import (FIELDS, SECTIONS, AutoOptions, DataConfig, DoctorOptions, EvaluateOptions,
+                                 ExportOptions, LaunchOptions, ModelConfig, ModelsOptions, OptimConfig, PredictOptions,
+                                 ReportOptions, RunConfig, ServeOptions, ServeSettings, TuneOptions, check_value,
+                                 config_from_args, load_config, setting_type)
 from visionrecipe.errors import VisionRecipeError
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse exits with status 2 and a usage block; we keep status 2 and make it one line."""
-
-    def error(self, message: str):
-        raise VisionRecipeError(f"{self.prog.split()[-1]}: {message}")
-
-
+# --- the commands ------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from visionrecipe.train.loop import resume, train
 
@@ -56,7 +61,7 @@ def launch_config(argv: list[str]) -> tuple:
 def resume_settings(args) -> dict:
     """The settings a `--resume` was given: the --config file's, then the flags typed over them.
     All go through the resume's "would this change the run" check, none is silently dropped."""
-    from visionrecipe.config import FIELDS, Config, flatten, read_yaml_mapping
+    from visionrecipe.config import Config, flatten, read_yaml_mapping
 
     settings = {}
     if args.config:
@@ -121,59 +126,285 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """Exit status 0 when no check failed, 1 otherwise (2 for bad input, as every command)."""
+    from visionrecipe.doctor.runner import HEADER, format_row, run_doctor
+
+    printed = []
+
+    def emit(check) -> None:  # rows appear as checks finish; the header only once there is a row
+        if not printed:
+            print(HEADER)
+        printed.append(check)
+        print(format_row(check), flush=True)
+
+    cfg = config_from_args(args, own=names(DoctorOptions))
+    report = run_doctor(cfg, args.out, device=cfg.run.device, emit=None if args.json else emit,
+                        progress=not args.json)
+    if args.json:
+        print(json.dumps(report, default=float))
+    else:
+        failed = [c["name"] for c in report["checks"] if c["verdict"] == "fail"]
+        warned = sum(c["verdict"] == "warn" for c in report["checks"])
+        verdict = (f"FAILED: {', '.join(failed)}" if failed
+                   else "all checks passed" + (f" ({warned} warnings)" if warned else ""))
+        print(f"\n{verdict} in {report['seconds']:.0f}s; doctor.json and pictures in {report['out']}", file=sys.stderr)
+    return 0 if report["passed"] else 1
+
+
+def cmd_report(args) -> int:
+    try:
+        from visionrecipe.evaluate.report import write_report
+    except ImportError:
+        raise VisionRecipeError("reports need matplotlib: pip install 'visionrecipe[report]'") from None
+
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from visionrecipe.tune.study import tune
+
+    # The trials' settings, as the user wrote them (the study stores them): --config's, then the
+    # typed flags; --out and --overwrite are the study's, and a trial's folder is tune's choice.
+    typed = {k: v for k, v in vars(args).items() if k in FIELDS and k not in names(TuneOptions)}
+    base = {**load_config(args.config, typed).flat(), **typed} if args.config else typed
+    for name in ("out", "overwrite"):
+        base.pop(name, None)
+    options = options_of(args, TuneOptions)
+    return interruptible(lambda: tune(base, options), "the finished trials are kept; run the same command to continue")
+
+
+def cmd_auto(args) -> int:
+    from visionrecipe.tune.auto import auto
+
+    settings = {k: v for k, v in vars(args).items() if k in FIELDS and k not in names(AutoOptions)}
+    options = options_of(args, AutoOptions)
+    return interruptible(lambda: auto(settings, options), "run auto again with --overwrite to start over")
+
+
+def interruptible(job, hint: str) -> int:
+    """Ctrl-C: the trainer saved its state and optuna failed the trial; say how to go on."""
+    from visionrecipe.errors import TrainingInterrupted
+
+    try:
+        result = job()
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        print(f"interrupted: {hint}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
+    return 0 if result is not None else 1
+
+
+def cmd_export(args) -> int:
+    from visionrecipe.deploy.export import export_model
+
+    result = export_model(args.run, format=args.format, out=args.out, opset=args.opset, quantize=args.quantize,
+                          data=args.data, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"verified on {result['verified_on']}: largest logit difference {result['max_abs_diff']:.2e} "
+          f"(tolerance {result['tolerance'] * result['logit_scale']:.1e}), "
+          f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
+    if result["accuracy_pytorch"] is not None:
+        print(f"accuracy: PyTorch {100 * result['accuracy_pytorch']:.2f}%, "
+              f"{result['format']} {100 * result['accuracy_exported']:.2f}%")
+    quantized = result.get("quantized")
+    if quantized:
+        change = quantized["accuracy_change"]
+        accuracy = ("accuracy not measured (no labelled test split)" if change is None else
+                    f"accuracy {100 * quantized['accuracy']:.2f}% ({100 * change:+.2f} points vs float32)")
+        print(f"int8: {accuracy}, top-1 agreement with float32 {100 * quantized['top1_agreement']:.2f}%, "
+              f"size {quantized['bytes_fp32'] / 2**20:.2f} → {quantized['bytes_int8'] / 2**20:.2f} MiB")
+    print(f"wrote {result['path']} ({result['bytes'] / 2**20:.2f} MiB)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Binds to loopback unless --host says otherwise; the address is checked before the model loads."""
+    from visionrecipe.deploy.predict import load_classifier
+
+    try:
+        import uvicorn
+
+        from visionrecipe.deploy.serve import create_app
+    except ImportError:
+        raise VisionRecipeError("serving needs fastapi and uvicorn: pip install 'visionrecipe[serve]'") from None
+    settings = options_of(args, ServeSettings)
+    check_port(settings.host, args.port)
+    classifier = load_classifier(args.model, device=args.device)
+    app = create_app(classifier, settings)
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    batching = (f"batches of up to {settings.max_batch}, {settings.max_wait_ms:g} ms wait" if settings.batching
+                else "no batching")
+    print(f"serving {classifier.name} ({classifier.backend}, {len(classifier.classes)} classes, {batching}) "
+          f"on http://{shown}:{args.port}  (page /, API docs /docs; Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=settings.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line, before the model loads, when the address cannot be bound."""
+    import errno
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise VisionRecipeError(f"invalid port {port} (0–65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise VisionRecipeError(f"unknown host {host!r}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise VisionRecipeError(f"address {host}:{port} {reason}; choose another with --port") from None
+
+
+# --- the table ---------------------------------------------------------------------------------
+def pick(settings: type, *chosen: str) -> tuple[type, tuple[str, ...]]:
+    """Some fields of a dataclass: a command takes only these of its flags."""
+    return settings, chosen
+
+
+def omit(settings: type, *left_out: str) -> tuple[type, tuple[str, ...]]:
+    return settings, tuple(f.name for f in fields(settings) if f.name not in left_out)
+
+
+RUN = (DataConfig, ModelConfig, OptimConfig, RunConfig)  # a training run's settings: config.yaml
+CONFIG_FILE = pick(LaunchOptions, "config")
+DEVICE = pick(RunConfig, "device")  # one --device for every command that runs a model
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    # Dataclasses (all their fields) or pick(dataclass, names). A command with DataConfig builds a
+    # run: its Config flags hold only what was typed (see add_arguments).
+    settings: tuple
+
+
+COMMANDS = (
+    Command("train", "train a model (from scratch or fine-tuning)", cmd_train, (LaunchOptions, *RUN)),
+    Command("evaluate", "score a run on a split", cmd_evaluate, (EvaluateOptions, DEVICE)),
+    Command("predict", "classify image files", cmd_predict, (PredictOptions, DEVICE)),
+    Command("models", "list models, or show one model's layer table", cmd_models, (ModelsOptions,)),
+    # The same data, model and optimizer settings as train: it checks the run you are about to start.
+    Command("doctor", "check data and model before training (loss at init, overfit a batch, leakage, LR range, ...)",
+            cmd_doctor, (CONFIG_FILE, DataConfig, ModelConfig, OptimConfig, pick(RunConfig, "seed", "device", "threads"),
+                         DoctorOptions)),
+    Command("report", "write a self-contained report.html for a run", cmd_report, (ReportOptions,)),
+    # The training settings form the trials' base (--epochs: the most a trial trains, --time-budget:
+    # each trial's seconds of training); the search space overrides them.
+    Command("tune", "search hyperparameters and architecture (Optuna)", cmd_tune,
+            (CONFIG_FILE, DataConfig, ModelConfig, OptimConfig, omit(RunConfig, "out", "overwrite"), TuneOptions)),
+    Command("auto", "doctor, tune, train the best, evaluate, export, report: one command", cmd_auto,
+            (AutoOptions, DataConfig, pick(RunConfig, "seed", "device"))),
+    Command("export", "export a run's model to ONNX or TorchScript (verified)", cmd_export, (ExportOptions,)),
+    Command("serve", "serve a model over HTTP (JSON API and a web page)", cmd_serve,
+            (ServeOptions, ServeSettings, DEVICE)),
+)
+
+
+# --- flags from dataclasses ------------------------------------------------------------------------
+def cli_fields(entry) -> list[Field]:
+    """The fields of one COMMANDS settings entry that are flags or arguments."""
+    settings, chosen = entry if isinstance(entry, tuple) else (entry, None)
+    return [f for f in fields(settings) if f.metadata.get("cli", True) and (chosen is None or f.name in chosen)]
+
+
+def names(settings: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(settings))
+
+
+def options_of(args: argparse.Namespace, settings: type):
+    """The dataclass filled from the parsed flags (every field of a command's own options is there)."""
+    return settings(**{name: getattr(args, name) for name in names(settings) if hasattr(args, name)})
+
+
+def flag_of(f: Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, entry, builds_run: bool) -> None:
+    """One flag (or positional argument) per field, its value converted and checked by the field's
+    metadata as it is parsed. In a command that builds a run, the run's settings get no default
+    here (SUPPRESS): only what was typed goes over the --config file and Config's defaults."""
+    settings = entry[0] if isinstance(entry, tuple) else entry
+    layered = builds_run and settings in SECTIONS.values()
+    title = next((name for name, section in SECTIONS.items() if section is settings),
+                 re.sub(r"(?<!^)(?=[A-Z])", " ", settings.__name__).lower())  # TuneOptions: "tune options"
+    group = parser.add_argument_group(title)
+    for f in cli_fields(entry):
+        meta, kind = f.metadata, setting_type(f.type)
+        required = f.default is MISSING
+        default = argparse.SUPPRESS if layered else (None if required else f.default)
+        options = dict(help=help_text(f), type=lambda text, f=f: check_value(f, text))
+        if meta.get("choices"):
+            options["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
+        elif meta.get("metavar"):
+            options["metavar"] = meta["metavar"]
+        if meta.get("positional"):
+            nargs = "+" if kind in (list, tuple) else "?" if not required else None
+            group.add_argument(f.name, nargs=nargs, **({} if required else {"default": default}), **options)
+            continue
+        if kind is bool:
+            options.pop("type")
+            options.update(action=argparse.BooleanOptionalAction)
+        elif kind in (list, tuple):  # a repeatable flag
+            options.update(action="append", default=argparse.SUPPRESS if layered else list(default))
+        else:
+            options.setdefault("metavar", flag_of(f)[2:].replace("-", "_").upper())
+        options.setdefault("default", default)
+        group.add_argument(flag_of(f), dest=f.name, required=required, **options)
+        if meta.get("shortcut"):
+            flag, value = meta["shortcut"]
+            group.add_argument(flag, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS,
+                               help=f"same as {flag_of(f)} {value}")
+
+
+def help_text(f: Field) -> str:
+    """The field's help and its default: the dataclass's, or where that is None, each recipe's."""
+    text = f.metadata["help"]
+    if "default" in text or f.default is MISSING:
+        return text
+    if not (f.default is None or f.default is False or f.default == ()):  # 0 is a default to show
+        return f"{text} (default: {f.default})"
+    if f.name in FIELDS:
+        from visionrecipe.recipes import RECIPES
+
+        shown = []
+        for name, recipe in RECIPES.items():
+            value = recipe.settings().get(f.name)
+            if value is not None:
+                unit = " per 1024 images" if f.name == "lr" and recipe.lr_per_1024 else ""
+                shown.append(f"{name}: {value:g}{unit}" if isinstance(value, float) else f"{name}: {value}")
+        if shown:
+            return f"{text} (default: recipe {'; '.join(shown)})"
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse exits with status 2 and a usage block; we keep status 2 and make it one line."""
+
+    def error(self, message: str):
+        raise VisionRecipeError(f"{self.prog.split()[-1]}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="visionrecipe", description="Train, check, evaluate and deploy image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    p = sub.add_parser("train", help="train a model (from scratch or fine-tuning)")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
-    p.add_argument("--nproc", type=int, default=None, help="launch this many processes with torchrun (DDP)")
-    add_config_arguments(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="score a run on a split")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--data", help="data spec (default: the run's)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--per-class", action="store_true", help="precision, recall, F1 and support per class")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("predict", help="classify image files")
-    p.add_argument("model", help="run directory, or an exported .onnx file (runs on onnxruntime)")
-    p.add_argument("inputs", nargs="+", help="image files, folders or globs")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--format", default="text", choices=("text", "json", "csv"))
-    p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
-    p.add_argument("--out", metavar="FILE", help="write the predictions here instead of stdout")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="multilabel runs: answer the labels above this probability (default: the run's)")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("models", help="list models, or show one model's layer table")
-    p.add_argument("name", nargs="?")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.set_defaults(func=cmd_models)
-
-    for register in _extensions():
-        register(sub)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        for entry in command.settings:
+            add_arguments(p, entry, builds_run=DataConfig in command.settings)
+        p.set_defaults(func=command.run)
     return parser
-
-
-def _extensions():
-    """Subcommands whose parsers live beside their stages (doctor, report, tune, export, serve)."""
-    from visionrecipe.deploy import export_cli, serve_cli
-    from visionrecipe.doctor import cli as doctor_cli
-    from visionrecipe.evaluate import cli as report_cli
-    from visionrecipe.tune import cli as tune_cli
-
-    return [m.register for m in (doctor_cli, report_cli, tune_cli, export_cli, serve_cli)]
 
 
 def main(argv: list[str] | None = None) -> int:

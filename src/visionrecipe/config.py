@@ -1,7 +1,8 @@
 """Settings as dataclasses: the single source of truth for CLI flags and YAML files.
 
-Every field becomes a flag (``epochs`` -> ``--epochs``, booleans get ``--x/--no-x``) and a key
-in ``config.yaml``. A YAML file may be nested by section or flat::
+Every field becomes a flag (``epochs`` -> ``--epochs``, booleans get ``--x/--no-x``; cli.py
+generates them for every command) and, for a run's four sections, a key in ``config.yaml``.
+A YAML file may be nested by section or flat::
 
     cfg = Config.from_dict({"data": "digits", "optim": {"lr": 0.1}})
     cfg = load_config("best.yaml", overrides={"epochs": 5})
@@ -20,16 +21,27 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from visionrecipe.errors import VisionRecipeError
 
 
+REQUIRED: Any = dataclasses.MISSING  # opt(REQUIRED, ...): no default, so the flag must be given
+
+
 def opt(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-        positive: bool = False, cli: bool = True) -> Any:
-    """A dataclass field with the metadata the CLI and validation need."""
-    meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "cli": cli}
+        positive: bool = False, cli: bool = True, positional: bool = False, flag: str | None = None,
+        metavar: str | None = None, shortcut: tuple[str, Any] | None = None) -> Any:
+    """A dataclass field with the metadata the CLI and validation need.
+
+    positional: an argument rather than a flag (a list takes one or more, a None default makes it
+    optional); flag: the flag when it is not named after the field (`workers` keeps its YAML key);
+    shortcut: (flag, value), a second flag that sets this one to value (`--json` = `--format json`).
+    """
+    meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "cli": cli,
+            "positional": positional, "flag": flag, "metavar": metavar, "shortcut": shortcut}
     return field(default=default, metadata=meta)
 
 
@@ -40,7 +52,10 @@ class DataConfig:
     image_size: int | None = opt(None, "resize images to this square size at decode time", positive=True)
     val_fraction: float = opt(0.1, "fraction of train carved out (stratified) for validation; 0 = validate on test", minimum=0.0)
     strict: bool = opt(False, "an unreadable image is an error instead of a skipped warning")
-    workers: int | None = opt(None, "processes for decoding images (default: all cores)", positive=True)
+    # The flag says what the processes do (tune's --trial-workers are others); the key stays `workers`
+    # so the config.yaml of earlier runs still loads.
+    workers: int | None = opt(None, "processes for decoding images (default: all cores)", positive=True,
+                              flag="--decode-workers")
     allow_outside_paths: bool = opt(False, "let a .csv manifest name images outside its own folder (../ or absolute paths)")
 
 
@@ -136,6 +151,161 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
 FIELDS = _field_index()
 
 
+# --- the other commands' settings ----------------------------------------------------------------
+# Not part of config.yaml: how a command is started, what it reads and where it writes. cli.py
+# takes each command's flags from these (and from the sections above: `--device` is RunConfig's).
+
+@dataclass
+class LaunchOptions:
+    """How `train` starts (also `--config` of doctor and tune)."""
+
+    config: str | None = opt(None, "YAML file of settings (flags override it)")
+    resume: str | None = opt(None, "continue an interrupted run exactly where it stopped", metavar="RUN_DIR")
+    nproc: int | None = opt(None, "launch this many processes with torchrun (DDP)")
+
+
+@dataclass
+class EvaluateOptions:
+    run: str = opt(REQUIRED, "run directory", positional=True)
+    data: str | None = opt(None, "data spec (default: the run's)")
+    split: str = opt("test", "the split to score", choices=("train", "val", "test"))
+    json: bool = opt(False, "print one JSON object")
+    per_class: bool = opt(False, "precision, recall, F1 and support per class")
+
+
+@dataclass
+class PredictOptions:
+    model: str = opt(REQUIRED, "run directory, or an exported .onnx file (runs on onnxruntime)", positional=True)
+    inputs: list[str] = opt(REQUIRED, "image files, folders or globs", positional=True)
+    topk: int = opt(5, "classes shown per image, most probable first")
+    batch_size: int = opt(64, "images per forward pass")
+    format: str = opt("text", "output format", choices=("text", "json", "csv"), shortcut=("--json", "json"))
+    out: str | None = opt(None, "write the predictions here instead of stdout", metavar="FILE")
+    threshold: float | None = opt(None, "multilabel runs: answer the labels above this probability (default: the run's)")
+
+
+@dataclass
+class ModelsOptions:
+    name: str | None = opt(None, "a model whose layer table to show (default: list all models)", positional=True)
+    image_size: int | None = opt(None, "input size of the layer table (default: the model's, else 32)")
+    in_channels: int = opt(3, "input channels of the layer table")
+    num_classes: int = opt(10, "classes of the layer table's head")
+
+
+@dataclass
+class DoctorOptions:
+    out: str | None = opt(None, "folder for doctor.json and the pictures (default runs/doctor-<data>)")
+    json: bool = opt(False, "print doctor.json instead of the table")
+
+
+@dataclass
+class ReportOptions:
+    run: str = opt(REQUIRED, "run directory", positional=True)
+
+
+@dataclass
+class TuneOptions:
+    """A study's own settings; the trials' training settings are a dict of Config settings beside it."""
+
+    out: str | Path = opt(REQUIRED, "folder of the study: trials, best.yaml, tune_report.html")
+    trials: int = opt(20, "number of finished (complete or pruned) trials the study should hold")
+    search_budget: float | None = opt(None, "seconds for this whole tune; no trial starts after it, a running one "
+                                            "stops at its epoch end")
+    trial_workers: int = opt(1, "parallel trial processes on this machine, one study")
+    pruner: str = opt("median", "stop weak trials early on their per-epoch val_acc", choices=("median", "halving", "none"))
+    space: str | Path | None = opt(None, "YAML search space: setting -> {type, low, high, log, choices} "
+                                         "(README: Search and automate)")
+    storage: str | None = opt(None, "Optuna storage: an RDB URL (postgresql://, mysql://, sqlite:///) or a "
+                                    "FILE.journal (default: sqlite out/study.db)")
+    study: str = opt("visionrecipe", "study name inside the storage")
+    overwrite: bool = opt(False, "start the study afresh, deleting its trials")
+
+
+@dataclass
+class AutoOptions:
+    """auto's own settings; the data settings, seed and device are a dict of Config settings beside it."""
+
+    out: str | Path = opt(REQUIRED, "output directory")
+    search_budget: float = opt(REQUIRED, "seconds for the whole job: doctor, tune, train, evaluate, export, report")
+    force: bool = opt(False, "go on when a doctor check fails")
+    # full when the budget is at least auto.FULL_DOCTOR_MIN_BUDGET
+    doctor: str = opt("auto", "doctor checks: full, data (the data checks only), auto (full when the budget is "
+                              "at least 600 s)", choices=("auto", "full", "data"))
+    tune_share: float = opt(0.5, "share of the budget left after the doctor that goes to tune")
+    overwrite: bool = opt(False, "replace an earlier auto's output directory")
+    space: str | Path | None = opt(None, "tune's YAML search space (default: tune's)")
+    trials: int = opt(200, "at most this many tune trials (the budget usually ends the tune first)")
+
+
+@dataclass
+class ExportOptions:
+    run: str = opt(REQUIRED, "run directory", positional=True)
+    format: str = opt("onnx", "file format", choices=("onnx", "torchscript"))
+    out: str | None = opt(None, "output file (default RUN/model.onnx or RUN/model.torchscript.pt)", metavar="FILE")
+    opset: int = opt(17, "ONNX opset version")
+    quantize: str | None = opt(None, "int8 weights with onnxruntime (ONNX only)", choices=("dynamic",))
+    data: str | None = opt(None, "data whose test split verifies the export (default the run's)", metavar="SPEC")
+    tolerance: float = opt(1e-4, "largest allowed logit difference, times max(1, largest |logit|)")
+    json: bool = opt(False, "print the verification result as JSON")
+
+
+@dataclass
+class ServeOptions:
+    """How `serve` starts; what the service itself does is ServeSettings."""
+
+    model: str = opt(REQUIRED, "run directory, or an exported .onnx file (runs on onnxruntime)", positional=True)
+    port: int = opt(8000, "TCP port to listen on")
+    log_level: str = opt("warning", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
+    access_log: bool = opt(False, "log every request")
+
+
+@dataclass
+class ServeSettings:
+    """The HTTP service (deploy/serve.py create_app): batching, limits per request, who may call it.
+    Checked here, where the values enter; each error is one line naming the setting."""
+
+    max_batch: int = opt(32, "images per forward pass")
+    max_wait_ms: float = opt(5.0, "how long the first image of a batch waits for others to share it")
+    max_upload_mb: float = opt(10.0, "largest request body in MiB")
+    max_megapixels: float = opt(40.0, "largest image, refused from its header before decoding")
+    max_files: int = opt(100, "most images in one request")
+    max_request_megapixels: float | None = opt(None, "most pixels in one request, all images together "
+                                                     "(default: 100 or --max-megapixels)")
+    # uploads decoded at once over all requests: memory ~ this × the largest image
+    decode_threads: int = opt(2, "images decoded at once over all requests; bounds decoding memory")
+    batching: bool = opt(True, "share forward passes between concurrent requests (--no-batching: one per request)")
+    # on loopback only local Host names are answered
+    host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only; 0.0.0.0: the network)")
+    allow_origins: tuple[str, ...] = opt((), "a site whose pages may post here, e.g. http://localhost:3000 "
+                                             "(repeatable)", flag="--allow-origin", metavar="ORIGIN")
+
+    def __post_init__(self):
+        if self.max_request_megapixels is None:
+            self.max_request_megapixels = max(100.0, self.max_megapixels)
+        for name in ("max_batch", "max_files", "decode_threads"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise VisionRecipeError(f"{name} must be a positive integer, got {value!r}")
+        checks = {"max_wait_ms": (self.max_wait_ms >= 0, "non-negative"),  # NaN fails every comparison
+                  "max_upload_mb": (self.max_upload_mb > 0, "positive"),
+                  "max_megapixels": (self.max_megapixels > 0, "positive"),
+                  "max_request_megapixels": (self.max_request_megapixels >= self.max_megapixels,
+                                             f"at least max_megapixels ({self.max_megapixels:g})")}
+        for name, (ok, what) in checks.items():
+            if not ok:
+                raise VisionRecipeError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        self.allow_origins = tuple(normalize_origin(origin) for origin in self.allow_origins)
+
+
+def normalize_origin(origin: str) -> str:
+    """An --allow-origin value as browsers send it: normalize_origin("HTTP://Example.com:3000/") == "http://example.com:3000"."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or "@" in parts.netloc:
+        raise VisionRecipeError(f"--allow-origin needs an origin such as http://localhost:3000, got {origin!r}")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
 def flatten(values: dict) -> dict:
     flat: dict = {}
     for key, value in values.items():
@@ -149,20 +319,28 @@ def flatten(values: dict) -> dict:
     return flat
 
 
-def _base_type(annotation: Any) -> type:
-    """`int | None` -> int; annotations are strings because of `from __future__`."""
+def setting_type(annotation: Any) -> type:
+    """`int | None` -> int, `tuple[str, ...]` -> tuple; annotations are strings (`from __future__`)."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, {"__builtins__": __builtins__})  # our own annotations only
+        annotation = eval(annotation, globals())  # our own annotations only
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return args[0]
-    return annotation
+        return setting_type(args[0])
+    return typing.get_origin(annotation) or annotation
 
 
 def coerce(name: str, value: Any) -> Any:
     """Check one setting's value and convert it to the field's type; errors name the setting."""
-    _, f = FIELDS[name]
-    kind = _base_type(f.type)
+    return check_value(FIELDS[name][1], value)
+
+
+def check_value(f: dataclasses.Field, value: Any) -> Any:
+    """`value` converted to field `f`'s type (or, for a list or tuple, to str) and checked against
+    its choices and bounds; the error names the setting."""
+    name = f.name
+    kind = setting_type(f.type)
+    if kind in (list, tuple, Path):
+        kind = str
     if value is None:
         return None
     try:
@@ -227,28 +405,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections=tuple(SECTIONS)) -> None:
-    """One flag per field; defaults are SUPPRESSed so only what the user typed overrides."""
-    for section in sections:
-        group = parser.add_argument_group(section)
-        for f in fields(SECTIONS[section]):
-            if not f.metadata.get("cli", True):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kind = _base_type(f.type)
-            default = f.default
-            helptext = f.metadata["help"] + (f" (default: {default})" if default not in (None, False) else "")
-            if kind is bool:
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=helptext)
-            else:
-                group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                   help=helptext)
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """`--config FILE` first, then every flag the user typed on top of it."""
-    typed = {name: value for name, value in vars(args).items() if name in FIELDS}
+def config_from_args(args: argparse.Namespace, own: tuple[str, ...] = ()) -> Config:
+    """`--config FILE` first, then every flag the user typed on top of it. `own`: the command's
+    options named like a setting (doctor's --out), which are not the run's."""
+    typed = {name: value for name, value in vars(args).items() if name in FIELDS and name not in own}
     if getattr(args, "config", None):
         return load_config(args.config, typed)
     return apply_overrides(Config(), typed)

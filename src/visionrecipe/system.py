@@ -35,14 +35,6 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over all processes (identity in one process)."""
-        if self.size > 1:
-            value = value.detach().clone()
-            dist.all_reduce(value)
-            value /= self.size
-        return float(value)
-
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Elementwise sum over all processes, as a new tensor."""
         if self.size == 1:

@@ -28,7 +28,6 @@ _HOMES = {
     "Split": "split",
     "stratified_split": "split",
     "channel_stats": "load",
-    "describe_spec": "load",
     "load_dataset": "load",
     "read_image": "decode",
 }

@@ -21,22 +21,11 @@ import torch
 
 from visionrecipe.data.cifar import cifar_kind, find_cifar, read_cifar_folder
 from visionrecipe.data.decode import check_image_size, resize_images
-from visionrecipe.data.folder import IMAGE_EXTENSIONS, load_folder
+from visionrecipe.data.folder import load_folder
 from visionrecipe.data.split import Dataset, Split, check_fraction, finish_dataset
 from visionrecipe.errors import VisionRecipeError
 
 NAMED_DATASETS = ("digits", "cifar10", "cifar100")
-
-
-def describe_spec() -> str:
-    """Help text for --data."""
-    return (
-        "digits (sklearn 8x8 digits), cifar10 or cifar100 (downloaded into --data-dir), "
-        "an extracted cifar-10-batches-py / cifar-100-python folder, or a folder of class "
-        f"subfolders of images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}), optionally "
-        "split into train/ and test/ (and val/) subfolders, or a .csv manifest of path,labels rows "
-        "(labels ;-separated, for --task multilabel); write ./digits for a folder named like a dataset"
-    )
 
 
 def _looks_like_path(spec: str) -> bool:

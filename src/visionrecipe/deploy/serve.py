@@ -31,7 +31,6 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 
@@ -42,41 +41,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from visionrecipe.config import ServeSettings
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.data.pil import read_image_array
 from visionrecipe.deploy.predict import answers
-from visionrecipe.deploy.serve_checks import ACCEPTED_FORMATS, ClientGuard, UploadLimit, image_pixels, is_loopback, normalize_origin
-
-
-@dataclass
-class ServeSettings:
-    max_batch: int = 32  # images per forward pass
-    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
-    max_upload_mb: float = 10.0  # whole request body, MiB
-    max_megapixels: float = 40.0  # per image, checked from the header before decoding
-    max_files: int = 100  # images per request
-    max_request_megapixels: float | None = None  # all images of a request; None: max(100, max_megapixels)
-    decode_threads: int = 2  # uploads decoded at once over all requests: memory ~ this × the largest image
-    batching: bool = True
-    host: str = "127.0.0.1"  # the bound address; on loopback only local Host names are answered
-    allow_origins: tuple[str, ...] = ()  # other sites whose pages may POST here, e.g. "http://localhost:3000"
-
-    def __post_init__(self):
-        if self.max_request_megapixels is None:
-            self.max_request_megapixels = max(100.0, self.max_megapixels)
-        for name in ("max_batch", "max_files", "decode_threads"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise VisionRecipeError(f"{name} must be a positive integer, got {value!r}")
-        checks = {"max_wait_ms": (self.max_wait_ms >= 0, "non-negative"),  # NaN fails every comparison
-                  "max_upload_mb": (self.max_upload_mb > 0, "positive"),
-                  "max_megapixels": (self.max_megapixels > 0, "positive"),
-                  "max_request_megapixels": (self.max_request_megapixels >= self.max_megapixels,
-                                             f"at least max_megapixels ({self.max_megapixels:g})")}
-        for name, (ok, what) in checks.items():
-            if not ok:
-                raise VisionRecipeError(f"{name} must be {what}, got {getattr(self, name)!r}")
-        self.allow_origins = tuple(normalize_origin(origin) for origin in self.allow_origins)
+from visionrecipe.deploy.serve_checks import ACCEPTED_FORMATS, ClientGuard, UploadLimit, image_pixels, is_loopback
 
 
 # ---------------------------------------------------------------- micro-batching

@@ -15,14 +15,12 @@ from __future__ import annotations
 import io
 import ipaddress
 import warnings
-from urllib.parse import urlsplit
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 
-from visionrecipe.errors import VisionRecipeError
 
 # What the service decodes; PIL knows ~40 more formats (EPS runs Ghostscript), each more code an
 # upload could reach. The page and /metadata show this list.
@@ -39,15 +37,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host.lower() == "localhost"
-
-
-def normalize_origin(origin: str) -> str:
-    """An --allow-origin value as browsers send it: normalize_origin("HTTP://Example.com:3000/") == "http://example.com:3000"."""
-    parts = urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
-            or parts.query or parts.fragment or "@" in parts.netloc:
-        raise VisionRecipeError(f"--allow-origin needs an origin such as http://localhost:3000, got {origin!r}")
-    return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
 def host_name(host: str) -> str:

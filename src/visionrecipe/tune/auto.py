@@ -1,7 +1,7 @@
 """`visionrecipe auto`: the whole job in one command, inside one time budget.
 
     from visionrecipe.tune.auto import AutoOptions, auto
-    summary = auto({"data": "digits"}, AutoOptions(out="runs/auto1", time_budget=180))
+    summary = auto({"data": "digits"}, AutoOptions(out="runs/auto1", search_budget=180))
     summary["test_accuracy"], summary["stages"]          # seconds per stage
 
 Stages, one line each: doctor (stop on a failed check unless `force`; only its data checks on a
@@ -20,18 +20,16 @@ tune_report.html), out/final (the run directory: model, eval.json, model.onnx, r
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from visionrecipe.rundir import METRICS, atomic_write_text, has_model, read_metrics
-from visionrecipe.config import Config, apply_overrides
+from visionrecipe.config import AutoOptions, Config, TuneOptions, apply_overrides
 from visionrecipe.errors import VisionRecipeError
 
 # Test evaluation, ONNX export with its verification, and the report: kept back from training.
@@ -41,20 +39,6 @@ RESERVE_MIN_S = 12.0
 # only its data checks (they catch what breaks an unattended run: leakage, duplicates, bad files).
 FULL_DOCTOR_MIN_BUDGET = 600.0
 MIN_TRIALS = 5  # trials a tune share is cut into, at least (see trial_budget)
-
-
-@dataclass
-class AutoOptions:
-    out: str | Path
-    time_budget: float
-    force: bool = False
-    doctor: str = "auto"  # full | data | auto (full when the budget is at least FULL_DOCTOR_MIN_BUDGET)
-    tune_share: float = 0.5  # of the time left after the doctor
-    seed: int = 0
-    device: str = "auto"
-    overwrite: bool = False
-    space: str | Path | None = None  # tune's search space file
-    trials: int = 200  # at most; the budget usually ends the tune first
 
 
 class Stages:
@@ -111,8 +95,8 @@ def clear_auto_output(out: Path) -> None:
             path.unlink()
 
 def auto(data: dict[str, Any], options: AutoOptions) -> dict:
-    if not options.time_budget or options.time_budget <= 0:
-        raise VisionRecipeError("auto needs a positive --time-budget in seconds")
+    if not options.search_budget or options.search_budget <= 0:
+        raise VisionRecipeError("auto needs a positive --search-budget in seconds")
     if not 0 < options.tune_share < 1:
         raise VisionRecipeError("--tune-share must be between 0 and 1")
     out = Path(options.out).expanduser()
@@ -121,9 +105,9 @@ def auto(data: dict[str, Any], options: AutoOptions) -> dict:
             raise VisionRecipeError(f"output directory {out} already exists; pass --overwrite to replace it")
         clear_auto_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = {**data, "seed": options.seed, "device": options.device}
-    apply_overrides(Config(), base)  # bad data settings fail here, before any stage
-    stages = Stages(out, options.time_budget)
+    run = apply_overrides(Config(), data).run  # bad settings fail here, before any stage
+    base = {**data, "seed": run.seed, "device": run.device}
+    stages = Stages(out, options.search_budget)
     try:
         return run_stages(stages, base, options)
     finally:
@@ -132,15 +116,15 @@ def auto(data: dict[str, Any], options: AutoOptions) -> dict:
 
 def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
     out = stages.out
-    summary: dict[str, Any] = {"data": base.get("data", "digits"), "time_budget": options.time_budget}
+    summary: dict[str, Any] = {"data": base.get("data", "digits"), "search_budget": options.search_budget}
     mode = options.doctor if options.doctor != "auto" else \
-        ("full" if options.time_budget >= FULL_DOCTOR_MIN_BUDGET else "data")
+        ("full" if options.search_budget >= FULL_DOCTOR_MIN_BUDGET else "data")
     stages.run("doctor", lambda: doctor_stage(base, out / "doctor", mode, options.force))
     tune_budget = options.tune_share * stages.left()
     result = stages.run("tune", lambda: tune_stage(base, out / "tune", tune_budget, options))
     final = out / "final"
     run, chosen = stages.run("train", lambda: train_stage(base, result, final, stages.left()))
-    metrics = stages.run("evaluate", lambda: evaluate_stage(final, options.device))
+    metrics = stages.run("evaluate", lambda: evaluate_stage(final, base["device"]))
     summary["test_accuracy"] = metrics["accuracy"]
     if (out / "doctor" / "doctor.json").is_file():  # the report shows the doctor's verdicts
         shutil.copy(out / "doctor" / "doctor.json", final / "doctor.json")
@@ -152,32 +136,20 @@ def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
                    val_acc=max(r["val_acc"] for r in run.metrics))
     atomic_write_text(out / "auto.json", json.dumps(summary, indent=2))
     where = ", ".join(f"{name} {sec:.0f}s" for name, sec in stages.seconds.items())
-    print(f"auto: test accuracy {100 * metrics['accuracy']:.2f}% in {total:.0f}s of {options.time_budget:.0f}s "
+    print(f"auto: test accuracy {100 * metrics['accuracy']:.2f}% in {total:.0f}s of {options.search_budget:.0f}s "
           f"({where}); model {final} ({chosen})", flush=True)
     return summary
 
 
 # --- stages: each returns (value, its one-line summary) ----------------------------------------
-def optional(module: str):
-    """Another engineer's module, when it is installed: None if it is not there."""
-    try:
-        return importlib.import_module(f"visionrecipe.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"visionrecipe.{module}":
-            return None
-        raise
-
-
 def doctor_stage(base: dict, out: Path, mode: str, force: bool) -> tuple[dict | None, str]:
     """`full`: every doctor check (about a minute for digits on 2 CPU cores); `data`: only the
     data checks (balance, files, duplicates, train/test leakage), seconds on small data."""
-    doctor = optional("doctor.runner")
-    run_all = getattr(doctor, "run_doctor", None) or getattr(doctor, "run_checks", None)
-    if run_all is None:
-        return None, "skipped (visionrecipe.doctor.runner is not installed)"
+    from visionrecipe.doctor.runner import run_doctor
+
     cfg = Config.from_dict({k: v for k, v in base.items() if k != "device"})
     if mode == "full":
-        report = run_all(cfg, out, device=base["device"])
+        report = run_doctor(cfg, out, device=base["device"])
     else:
         report = data_doctor(cfg, out)
     checks = report.get("checks", [])
@@ -209,10 +181,10 @@ def data_doctor(cfg: Config, out: Path) -> dict:
 
 
 def tune_stage(base: dict, out: Path, budget: float, options: AutoOptions):
-    from visionrecipe.tune.study import TuneOptions, tune
+    from visionrecipe.tune.study import tune
 
     base = {**base, "time_budget": trial_budget(budget)}
-    result = tune(base, TuneOptions(out=out, trials=options.trials, time_budget=budget, space=options.space))
+    result = tune(base, TuneOptions(out=out, trials=options.trials, search_budget=budget, space=options.space))
     counts = result.counts
     line = f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed trials"
     if result.best_config is None:
@@ -290,20 +262,18 @@ def evaluate_stage(run_dir: Path, device: str) -> tuple[dict, str]:
 
 
 def export_stage(run_dir: Path) -> tuple[str | None, str]:
-    export = optional("deploy.export")
-    if export is None or not hasattr(export, "export_model"):
-        return None, "skipped (visionrecipe.deploy.export is not installed)"
-    result = export.export_model(run_dir, format="onnx")
+    from visionrecipe.deploy.export import export_model
+
+    result = export_model(run_dir, format="onnx")
     return result["path"], f"{result['path']} (verified on {result['verified_on']}, largest logit " \
                            f"difference {result['max_abs_diff']:.1e})"
 
 
 def report_stage(run_dir: Path) -> tuple[str | None, str]:
-    report = optional("evaluate.report")
-    if report is None or not hasattr(report, "write_report"):
-        return None, "skipped (visionrecipe.evaluate.report is not installed)"
     try:
-        path = report.write_report(run_dir)
+        from visionrecipe.evaluate.report import write_report
+
+        path = write_report(run_dir)
     except ImportError as exc:  # matplotlib missing
         return None, f"skipped ({exc})"
     return str(path), str(path)

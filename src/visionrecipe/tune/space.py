@@ -46,11 +46,6 @@ class Param:
     log: bool = False
     choices: tuple | None = None
 
-    def describe(self) -> str:
-        if self.type == "categorical":
-            return "{" + ", ".join(map(str, self.choices)) + "}"
-        return f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
-
 
 def default_space(image_size: int, recipe: str, max_epochs: int) -> dict[str, Any]:
     """Sensible ranges for a small image classifier trained from scratch.
@@ -191,8 +186,3 @@ def space_to_dict(space: dict[str, Any]) -> dict[str, Any]:
 def space_from_dict(values: dict[str, Any]) -> dict[str, Any]:
     """The inverse of space_to_dict: `space_from_dict(space_to_dict(space)) == space`."""
     return {name: parse_entry(name, spec, "stored search space") for name, spec in values.items()}
-
-
-def describe_space(space: dict[str, Any]) -> str:
-    return ", ".join(f"{name} {spec.describe() if isinstance(spec, Param) else f'= {spec}'}"
-                     for name, spec in space.items())

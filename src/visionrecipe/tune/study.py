@@ -1,12 +1,12 @@
 """Hyperparameter and architecture search on Optuna: many short trainings, scored on validation.
 
     from visionrecipe.tune.study import TuneOptions, tune
-    result = tune({"data": "digits", "epochs": 4}, TuneOptions(out="runs/tune1", trials=20, time_budget=600))
+    result = tune({"data": "digits", "epochs": 4}, TuneOptions(out="runs/tune1", trials=20, search_budget=600))
     result.best_value, result.best_yaml        # train --config best.yaml reproduces the best trial
 
 Each trial is one `train()` with the base config overridden by the sampled settings (tune_space.py),
 run in out/trials/NNNN and scored by its best validation accuracy; the test split is never read.
-With a `time_budget` in the base config (`--trial-budget`) every trial trains for the same seconds,
+With a `time_budget` in the base config (`--time-budget`, as for train) every trial trains for the same seconds,
 so models of different speeds are compared at equal cost.
 TPE proposes the settings (seeded); the pruner stops trials whose per-epoch val_acc trails the
 others. The study lives in a storage, so a tune can stop and continue, and many processes or
@@ -32,12 +32,11 @@ import multiprocessing
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from visionrecipe.rundir import atomic_write_text
-from visionrecipe.config import Config, apply_overrides, load_config, resolve_recipe
+from visionrecipe.config import Config, TuneOptions, apply_overrides, load_config, resolve_recipe
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.system import physical_cores
 from visionrecipe.tune.report import TuneResult, best_trial, finished, format_value, score, summarize
@@ -47,19 +46,6 @@ from visionrecipe.tune.space import default_space, load_space, recipe_trial, spa
 POLL_S = 2.0  # a worker waiting for running trials to finish looks again this often
 MAX_FAILURES = 3  # consecutive failed trials in one worker: a systematic error, stop
 MARKER = "study.json"  # in out: which study (name and storage) the directory belongs to
-
-
-@dataclass
-class TuneOptions:
-    out: str | Path
-    trials: int = 20
-    time_budget: float | None = None  # seconds for the whole tune (this invocation)
-    workers: int = 1
-    pruner: str = "median"  # median | halving | none
-    space: str | Path | None = None  # YAML file, see tune_space.py
-    storage: str | None = None  # RDB URL or journal file; default sqlite out/study.db
-    study: str = "visionrecipe"
-    overwrite: bool = False  # start the study afresh
 
 
 def make_sampler(seed: int):
@@ -83,8 +69,8 @@ def tune(base: dict[str, Any], options: TuneOptions) -> TuneResult:
     start = time.time()
     optuna = optuna_module()
     out = Path(options.out).expanduser()
-    if options.trials < 1 or options.workers < 1:
-        raise VisionRecipeError("--trials and --workers must be at least 1")
+    if options.trials < 1 or options.trial_workers < 1:
+        raise VisionRecipeError("--trials and --trial-workers must be at least 1")
     check_base(base)  # bad settings or space files fail before a study is created for nothing
     if options.space:
         load_space(options.space, {})
@@ -102,16 +88,16 @@ def tune(base: dict[str, Any], options: TuneOptions) -> TuneResult:
         study.enqueue_trial(recipe_trial(space, resolve_recipe(check_base(base)).flat()), skip_if_exists=True)
     fail_dead_trials(study)
     job = {"storage": storage_spec, "study": options.study, "base": base, "space": space,
-           "trials": options.trials, "deadline": start + options.time_budget if options.time_budget else None,
+           "trials": options.trials, "deadline": start + options.search_budget if options.search_budget else None,
            "pruner": options.pruner, "out": str(out), "threads": base.get("threads"), "start": start}
     done = len(finished(study))
     print(f"tune: study '{options.study}' in {storage_spec}: {done} finished trial(s), target {options.trials}"
-          + (f", {options.time_budget:.0f}s budget" if options.time_budget else "")
-          + (f", {options.workers} workers" if options.workers > 1 else ""), flush=True)
-    if options.workers == 1:
+          + (f", {options.search_budget:.0f}s budget" if options.search_budget else "")
+          + (f", {options.trial_workers} workers" if options.trial_workers > 1 else ""), flush=True)
+    if options.trial_workers == 1:
         work(job, worker=0)
     else:
-        run_workers(job, options.workers)
+        run_workers(job, options.trial_workers)
     return summarize(study, out, base, seconds=time.time() - start)
 
 
