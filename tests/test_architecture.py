@@ -7,6 +7,8 @@ every `import B` / `from B import x` in A, at module level or inside a function.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "visionrecipe"
@@ -105,6 +107,16 @@ def test_the_top_level_holds_only_the_entry_points_and_the_stage_folders():
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert modules <= TOP_MODULES, f"{sorted(modules - TOP_MODULES)} belong in a stage folder"
     assert folders == STAGE_FOLDERS
+
+
+def test_the_torch_free_modules_import_no_torch():
+    """`predict model.onnx` runs on onnxruntime alone: the decode, the run directory and the
+    package's own data/__init__ must not pull torch in (tests/test_predict.py runs the whole path)."""
+    code = ("import sys, visionrecipe, visionrecipe.data, visionrecipe.data.pil, visionrecipe.rundir, "
+            "visionrecipe.deploy.onnx_runtime, visionrecipe.deploy.predict; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_the_cycle_finder_finds_a_cycle():
