@@ -237,3 +237,27 @@ def test_doctor_passes_every_check_on_digits(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "doc" / "doctor.json").read_text())
     assert all(c["verdict"] == "pass" for c in report["checks"]), proc.stdout
+
+
+def test_doctor_builds_the_run_training_builds_on_small_data(tmp_path):
+    """One build_run for both: on 1,293 digits the recipe's batch of 512 shrinks to 64 for the
+    doctor as for the trainer, with the task's smoothed loss and the same normalisation."""
+    from visionrecipe.config import Config, load_config
+    from visionrecipe.doctor.runner import prepare
+    from visionrecipe.rundir import unlock
+    from visionrecipe.train.loop import Trainer
+
+    settings = Config.from_dict({"data": "digits", "data_dir": str(tmp_path / "cache"), "device": "cpu", "threads": 1,
+                                 "out": str(tmp_path / "run"), "progress": False})
+    trainer = Trainer(settings)
+    trainer.setup()
+    unlock(trainer.run_dir)
+    doctor = prepare(settings, device="cpu")
+
+    assert trainer.cfg.optim.batch_size == doctor.cfg.optim.batch_size == 64  # the recipe's 512, shrunk
+    assert doctor.cfg == trainer.cfg == load_config(tmp_path / "run" / "config.yaml")  # config.yaml is what runs
+    assert (doctor.mean, doctor.std) == (trainer.mean, trainer.std) == channel_stats(doctor.data.train.images)
+    logits, y = torch.randn(8, 10), torch.arange(8)
+    smoothed = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2)  # the fast recipe's
+    assert torch.equal(doctor.loss_fn(logits, y), smoothed) and torch.equal(trainer.built.loss_fn(logits, y), smoothed)
+    assert settings.optim.batch_size is None and settings.model.width is None  # resolving copies, never mutates

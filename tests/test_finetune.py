@@ -19,7 +19,8 @@ from PIL import Image
 from visionrecipe.train import finetune
 
 from visionrecipe import train
-from visionrecipe.config import Config, resolve_recipe
+from visionrecipe.config import Config
+from visionrecipe.recipes import resolve_recipe
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.models import create_model, get_spec, pretrained_weights
 

@@ -8,7 +8,7 @@ A YAML file may be nested by section or flat::
     cfg = load_config("best.yaml", overrides={"epochs": 5})
     save_config(cfg, run_dir / "config.yaml")
 
-Fields left as ``None`` are filled by the recipe (``resolve_recipe``): ``--recipe fast``
+Fields left as ``None`` are filled by the recipe (recipes.py, ``resolve_recipe``): ``--recipe fast``
 (the default when ``--model`` is not given) or ``standard``.
 """
 
@@ -71,6 +71,11 @@ class ModelConfig:
     backbone_lr_mult: float = opt(1.0, "learning-rate multiplier for the backbone (discriminative LR)", minimum=0.0)
     task: str = opt("multiclass", "multiclass (softmax) or multilabel (sigmoid + BCE, CSV manifest)", choices=("multiclass", "multilabel"))
     threshold: float = opt(0.5, "multilabel decision threshold", minimum=0.0)
+
+    def options(self) -> dict:
+        """The registry options the user set (--width, --depth): create_model's keywords, model.json's
+        `model_options`."""
+        return {k: v for k, v in (("width", self.width), ("depth", self.depth)) if v is not None}
 
 
 @dataclass
@@ -412,69 +417,3 @@ def config_from_args(args: argparse.Namespace, own: tuple[str, ...] = ()) -> Con
     if getattr(args, "config", None):
         return load_config(args.config, typed)
     return apply_overrides(Config(), typed)
-
-
-# --- recipes -----------------------------------------------------------------------------------
-# Values for fields left as None. "fast" follows the CIFAR-10 speed-record line of work
-# (airbench): SGD-Nesterov with a lr per 1024 examples, label smoothing, EMA, alternating flips,
-# translate by 2 px, patch whitening and mirror TTA. "standard" is a plain, robust default for any
-# registry model.
-RECIPES: dict[str, dict[str, Any]] = {
-    "fast": dict(model="fastnet", epochs=10, batch_size=512, optimizer="sgd", lr=1.5, momentum=0.85,
-                 nesterov=True, weight_decay=1.33e-3, bias_lr_mult=64.0, label_smoothing=0.2, schedule="triangle", warmup_epochs=None,
-                 ema=True, alternate_flip=True, whiten=True, tta=True),
-    "standard": dict(epochs=10, batch_size=64, optimizer="adamw", lr=1e-3, momentum=0.9, nesterov=False, bias_lr_mult=1.0,
-                     weight_decay=0.05, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5,
-                     ema=False, alternate_flip=False, whiten=False, tta=False),
-}
-# Translate padding at 32×32, scaled to the image size (4 px would wipe out an 8×8 digit).
-CROP_PADDING_AT_32 = {"fast": 2, "standard": 4}
-# airbench states lr 11.5 per 1024 examples on a summed loss with momentum 0.85, i.e. 11.5 / (1 + 1/0.15)
-# = 1.5 on the mean loss at batch 1024; its decoupled weight decay 0.0153 becomes 0.0153 / 11.5 here.
-# lr in the fast recipe is per 1024 examples (scaled by batch_size/1024 in the trainer), as airbench
-# states its hyperparameters; standard lrs are per batch as usual.
-LR_PER_1024 = {"fast": True, "standard": False}
-
-
-def resolve_crop_padding(cfg: Config, image_size: int) -> int:
-    if cfg.optim.crop_padding is not None:
-        return cfg.optim.crop_padding
-    return max(1, round(CROP_PADDING_AT_32[cfg.optim.recipe] * image_size / 32))
-
-
-# On a CPU the fast recipe halves fastnet's width (a quarter of the FLOPs): measured on 2 cores,
-# 4× the epochs in the same minutes buys more accuracy than the wider net (BENCHMARKS.md).
-CPU_FASTNET_WIDTH = 0.5
-
-
-def resolve_device_defaults(cfg: Config, device_type: str) -> None:
-    """Recipe values that depend on the device the run landed on (in place)."""
-    if (cfg.optim.recipe == "fast" and cfg.model.model == "fastnet" and cfg.model.width is None
-            and not cfg.model.weights and device_type == "cpu"):
-        cfg.model.width = CPU_FASTNET_WIDTH
-
-
-def resolve_recipe(cfg: Config) -> Config:
-    """Fill every None field from the recipe; returns a new Config, the input is unchanged."""
-    cfg = Config.from_dict(cfg.to_dict())
-    if cfg.optim.recipe is None:
-        cfg.optim.recipe = "fast" if cfg.model.model in (None, "fastnet") else "standard"
-    for name, value in RECIPES[cfg.optim.recipe].items():
-        section, _ = FIELDS[name]
-        if getattr(getattr(cfg, section), name) is None:
-            setattr(getattr(cfg, section), name, value)
-    if cfg.model.model is None:
-        cfg.model.model = "seedcnn" if cfg.optim.recipe == "standard" else "fastnet"
-    if cfg.optim.flip is None:
-        cfg.optim.flip = cfg.data.data != "digits"
-    if not cfg.optim.flip:
-        cfg.optim.alternate_flip = cfg.optim.tta = False
-    if cfg.optim.warmup_epochs is None:
-        cfg.optim.warmup_epochs = 0.0
-    if cfg.optim.whiten and not cfg.model.model == "fastnet":
-        cfg.optim.whiten = False
-    if cfg.model.weights:
-        cfg.optim.whiten = False  # the loaded whitening layer is what the loaded blocks expect
-    if cfg.model.unfreeze_after is not None:
-        cfg.model.freeze_backbone = True  # "unfreeze after N epochs" implies frozen until then
-    return cfg

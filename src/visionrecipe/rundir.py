@@ -274,11 +274,16 @@ def _contents(out: Path) -> list[Path]:
     return sorted(e for e in out.iterdir() if e.name not in (MARKER, LOCK) and e.name not in COMPANIONS)
 
 
+def default_run_dir(cfg) -> str:
+    """runs/<data>-<model>-<time>: the name of a run without --out (the trainer chooses it once)."""
+    name = Path(cfg.data.data.rstrip("/")).name or "data"
+    return str(Path("runs") / f"{name}-{cfg.model.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def resolve_out(cfg) -> Path:
     """The run directory's path; the default name holds the time, so it is chosen once, here."""
     if not cfg.run.out:
-        name = Path(cfg.data.data.rstrip("/")).name or "data"
-        cfg.run.out = str(Path("runs") / f"{name}-{cfg.model.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.run.out = default_run_dir(cfg)
     return Path(cfg.run.out).expanduser()
 
 

@@ -208,9 +208,10 @@ def check_batch_independence(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
 
 # --- 7. learning-rate range test ------------------------------------------------------------------
 def lr_range(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, steps: int = 100,
-             span: tuple[float, float] = LR_RANGE, label_smoothing: float = 0.0) -> tuple[list[float], list[float]]:
+             span: tuple[float, float] = LR_RANGE, loss_fn: Callable = F.cross_entropy) -> tuple[list[float], list[float]]:
     """Multiply the optimizer's learning rates by a factor growing exponentially over `steps`;
-    returns (factors, losses), stopping early once the loss diverges."""
+    returns (factors, losses), stopping early once the loss diverges. `loss_fn` is the run's
+    training loss (build_run's, label smoothing included)."""
     model.train()
     base = [group["lr"] for group in optimizer.param_groups]
     factors, losses = [], []
@@ -218,7 +219,7 @@ def lr_range(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterab
         factor = span[0] * (span[1] / span[0]) ** (step / max(steps - 1, 1))
         for group, lr in zip(optimizer.param_groups, base):
             group["lr"] = lr * factor
-        loss = F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+        loss = loss_fn(model(x).float(), y)
         if not torch.isfinite(loss):
             break
         factors.append(factor)

@@ -7,10 +7,10 @@
     report["passed"], [c["verdict"] for c in report["checks"]]
     print(format_table(report["checks"]))
 
-The data, model, normalisation, augmentation and optimizer are resolved exactly as `train` resolves
-them (resolve_recipe, the trainer's BatchAugment and build_optimizer), so a check speaks about the
-run you are about to start. The checks themselves live in doctor_data.py (the data) and
-doctor_checks.py (the model and its training); this module feeds them and writes doctor.json plus
+The data, model, normalisation, augmentation, batch size, loss and optimizer are built by the
+trainer's own train/build.py (resolve, build_run) and build_optimizer, so a check speaks about the
+run you are about to start. The checks themselves live in data_checks.py (the data) and
+checks.py (the model and its training); this module feeds them and writes doctor.json plus
 three pictures: samples.png (a few images per class), batch.png (the augmented, normalised batch
 decoded back to pixels) and lr_range.png (loss against learning rate).
 """
@@ -19,26 +19,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from visionrecipe.train.augment import BatchAugment
-from visionrecipe.rundir import atomic_write_text
-from visionrecipe.config import Config, resolve_crop_padding, resolve_recipe, resolve_device_defaults
-from visionrecipe.data import Dataset, channel_stats, load_dataset
+from visionrecipe.config import Config
 from visionrecipe.doctor.checks import (Check, check_batch_independence, check_batch_statistics, check_capacity,
-                            check_determinism, check_init_loss, check_input_dependence, check_lr_range,
-                            check_overfit_batch, lr_range, smooth, suggest_lr, timed)
+                                        check_determinism, check_init_loss, check_input_dependence, check_lr_range,
+                                        check_overfit_batch, lr_range, smooth, suggest_lr, timed)
 from visionrecipe.doctor.data_checks import class_samples, data_checks
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.models import create_model, get_spec
+from visionrecipe.models import get_spec
+from visionrecipe.rundir import atomic_write_text
 from visionrecipe.system import select_device, set_threads
+from visionrecipe.train.augment import SEED_STRIDE, epoch_order
+from visionrecipe.train.build import BuiltRun, build_run, load_data, resolve
 from visionrecipe.train.optim import build_optimizer
-from visionrecipe.train.augment import epoch_order
 
 # Budgets, sized so digits takes about a minute on two CPU cores.
 TRAIN_SUBSET = 1024  # images for the short trainings (baseline, capacity)
@@ -54,102 +52,39 @@ MAX_CLASS_ROWS = 20  # rows of the class picture; more classes are left out of i
 FIGURES = ("samples.png", "batch.png", "lr_range.png")
 
 
-@dataclass
-class Setup:
-    """Everything the checks share, resolved once as the trainer would."""
-
-    cfg: Config
-    data: Dataset
-    device: torch.device
-    images: torch.Tensor  # train images, uint8 on the device
-    labels: torch.Tensor
-    mean: list[float]
-    std: list[float]
-    augment: BatchAugment | None  # set once the normalisation is known
-    head_path: str
-    has_width: bool
-
-
-def prepare(cfg: Config, device: str = "auto", progress: bool = False) -> Setup:
-    cfg = resolve_recipe(cfg)
+def prepare(cfg: Config, device: str = "auto", progress: bool = False) -> BuiltRun:
+    """The run `train` would start from these settings (train/build.py): the same resolved config
+    (small-data batch included), data, normalisation, augmentation, loss and first model."""
     if cfg.model.task != "multiclass":
         raise VisionRecipeError("doctor checks single-label (multiclass) training; --task multilabel is not supported")
     device_t = select_device(device)
-    resolve_device_defaults(cfg, device_t.type)
-    spec = get_spec(cfg.model.model)  # an unknown model fails before any data is decoded
-    if cfg.model.weights and cfg.data.image_size is None:
-        from visionrecipe.train.finetune import pretrained_image_size
-
-        cfg.data.image_size = pretrained_image_size(cfg, spec)  # as the trainer: the weights' own size
-    data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
-                        val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, strict=cfg.data.strict,
-                        progress=progress, workers=cfg.data.workers,
-                        allow_outside_paths=cfg.data.allow_outside_paths)
+    data = load_data(resolve(cfg, device_t.type), progress=progress)
     # Small images make each op too small to split: on two busy cores a second thread made the
     # doctor ten times slower (spinning at barriers). Large images get the trainer's default.
+    # run_doctor gives the process its threads back when it is done.
     small = data.train.images[0].numel() <= SMALL_IMAGE
     set_threads(cfg.run.threads or (1 if small and device_t.type == "cpu" else None), device_t)
-    mean, std = channel_stats(data.train.images)
-    cfg.optim.crop_padding = resolve_crop_padding(cfg, data.train.images.shape[2])
-    images, labels = data.train.images.to(device_t), data.train.labels.to(device_t)
-    setup = Setup(cfg, data, device_t, images, labels, mean, std, None, spec.head_path,
-                  "width" in spec.options and not cfg.model.weights)
-    if cfg.model.weights:
-        # Fine-tuning normalises with the pretrained weights' statistics, as the trainer does.
-        setup.mean, setup.std = _pretrained_preprocessing(setup)
-    setup.augment = BatchAugment(setup.mean, setup.std, crop_padding=cfg.optim.crop_padding, flip=cfg.optim.flip,
-                                 alternate_flip=cfg.optim.alternate_flip, n_train=len(labels), seed=cfg.run.seed,
-                                 device=device_t)
-    return setup
+    cfg = resolve(cfg, device_t.type, data)
+    torch.manual_seed(cfg.run.seed)  # the first model is the one training starts from
+    return build_run(cfg, data, device_t)
 
 
-def _pretrained_preprocessing(setup: Setup) -> tuple[list[float], list[float]]:
-    found = _load_weights(_create(setup, 1.0), setup)
-    return found.get("mean", setup.mean), found.get("std", setup.std)
+def has_width(run: BuiltRun) -> bool:
+    """Whether the capacity check can widen the model (a registry --width, not fixed by --weights)."""
+    return "width" in get_spec(run.cfg.model.model).options and not run.cfg.model.weights
 
 
-def _load_weights(model: torch.nn.Module, setup: Setup) -> dict:
-    from visionrecipe.train.finetune import load_initial_weights
-
-    classes = list(setup.data.classes)
-    spec = get_spec(setup.cfg.model.model)
-    return load_initial_weights(model, setup.cfg, spec, len(classes), classes=classes) or {}
-
-
-def _create(setup: Setup, width: float) -> torch.nn.Module:
-    cfg = setup.cfg
-    options = {k: v for k, v in (("width", cfg.model.width), ("depth", cfg.model.depth)) if v is not None}
-    if width != 1.0:
-        options["width"] = options.get("width", 1.0) * width
-    c, h = setup.images.shape[1:3]
-    return create_model(cfg.model.model, len(setup.data.classes), in_channels=c, image_size=h,
-                        head=cfg.model.head, **options)
-
-
-def build_model(setup: Setup, width: float = 1.0) -> torch.nn.Module:
-    """A fresh model as Trainer.setup builds it: registry, initial weights, whitening from data."""
-    cfg = setup.cfg
-    model = _create(setup, width)
-    if cfg.model.weights:
-        _load_weights(model, setup)
-    if cfg.optim.whiten:
-        from visionrecipe.models.fastnet import init_whitening
-
-        init_whitening(model, setup.augment.normalise(setup.images[:5000]).float())
-    return model.to(setup.device)
-
-
-def recipe_batches(setup: Setup, batch_size: int):
+def recipe_batches(run: BuiltRun, batch_size: int):
     """Endless training batches exactly as the trainer draws them: epoch order, then BatchAugment."""
-    seed, n = setup.cfg.run.seed, len(setup.labels)
-    generator = torch.Generator(device=setup.device)
+    seed, n = run.cfg.run.seed, len(run.labels)
+    generator = torch.Generator(device=run.device)
     step, epoch = 0, 0
     while True:
-        order = epoch_order(n, seed, epoch, setup.device)
+        order = epoch_order(n, seed, epoch, run.device)
         for position in range(max(1, n // batch_size)):
             index = order[position * batch_size:(position + 1) * batch_size]
-            generator.manual_seed(seed * 1_000_003 + step)
-            yield setup.augment(setup.images[index], index, epoch, generator), setup.labels[index]
+            generator.manual_seed(seed * SEED_STRIDE + step)
+            yield run.augment(run.images[index], index, epoch, generator), run.labels[index]
             step += 1
         epoch += 1
 
@@ -162,62 +97,62 @@ def decode(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor
     return ((x.detach().float() * std_t + mean_t) * 255).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
-def _subset(setup: Setup, split, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(setup.cfg.run.seed)
+def _subset(run: BuiltRun, split, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(run.cfg.run.seed)
     index = torch.randperm(len(split.labels), generator=generator)[:limit]
-    x = setup.augment.normalise(split.images[index].to(setup.device))
-    return x, split.labels[index].to(setup.device)
+    x = run.augment.normalise(split.images[index].to(run.device))
+    return x, split.labels[index].to(run.device)
 
 
-def model_checks(setup: Setup, out: Path, emit: Callable[[Check], None]) -> list[Check]:
+def model_checks(run: BuiltRun, out: Path, emit: Callable[[Check], None]) -> list[Check]:
     """Checks 2–9, each timed and passed to `emit` as it finishes."""
     from visionrecipe.evaluate.report import image_grid, save_figure
 
-    cfg, classes, seed = setup.cfg, setup.data.classes, setup.cfg.run.seed
-    batch_size = min(cfg.optim.batch_size, len(setup.labels))
+    cfg, classes, seed = run.cfg, run.data.classes, run.cfg.run.seed
+    batch_size = min(cfg.optim.batch_size, len(run.labels))
     checks: list[Check] = []
 
-    def add(run: Callable[[], Check]) -> None:
-        checks.append(timed(run))
+    def add(check: Callable[[], Check]) -> None:
+        checks.append(timed(check))
         emit(checks[-1])
 
-    x, y = next(recipe_batches(setup, batch_size))
+    def fresh_model(width_scale: float = 1.0) -> torch.nn.Module:
+        return run.new_model(width_scale)
+
+    x, y = next(recipe_batches(run, batch_size))
     shown = min(32, len(y))
     titles = [classes[i] for i in y[:shown].tolist()]
-    save_figure(image_grid(list(decode(x[:shown], setup.mean, setup.std)), 8, titles=titles), out / "batch.png")
+    save_figure(image_grid(list(decode(x[:shown], run.mean, run.std)), 8, titles=titles), out / "batch.png")
     add(lambda: check_batch_statistics(x))
-    torch.manual_seed(seed)
-    model = build_model(setup)
-    counts = torch.bincount(setup.labels.cpu(), minlength=len(classes))
+    model = run.model  # built by prepare from the seed, as training starts
+    counts = torch.bincount(run.labels.cpu(), minlength=len(classes))
     add(lambda: check_init_loss(model, x, y, len(classes), counts))
 
-    x_train, y_train = _subset(setup, setup.data.train, TRAIN_SUBSET)
-    x_val, y_val = _subset(setup, setup.data.val or setup.data.test, VAL_SUBSET)
-    add(lambda: check_input_dependence(lambda: build_model(setup), x_train, y_train, x_val, y_val,
-                                       steps=BASELINE_STEPS, seed=seed))
-    rows = [i for row in class_samples(setup.labels.cpu(), len(classes), per_class=2, seed=seed) for i in row]
-    small = torch.tensor(rows, device=setup.device)
+    x_train, y_train = _subset(run, run.data.train, TRAIN_SUBSET)
+    x_val, y_val = _subset(run, run.data.val or run.data.test, VAL_SUBSET)
+    add(lambda: check_input_dependence(fresh_model, x_train, y_train, x_val, y_val, steps=BASELINE_STEPS, seed=seed))
+    rows = [i for row in class_samples(run.labels.cpu(), len(classes), per_class=2, seed=seed) for i in row]
+    small = torch.tensor(rows, device=run.device)
     torch.manual_seed(seed)
-    add(lambda: check_overfit_batch(build_model(setup), setup.augment.normalise(setup.images[small]),
-                                    setup.labels[small]))
+    add(lambda: check_overfit_batch(fresh_model(), run.augment.normalise(run.images[small]), run.labels[small]))
     add(lambda: check_batch_independence(model, x[:16], y[:16]))
-    add(lambda: _lr_range_check(setup, out))
-    widen = (lambda width: build_model(setup, width)) if setup.has_width else None
-    add(lambda: check_capacity(widen, x_train, y_train, steps=CAPACITY_STEPS, seed=seed))
-    add(lambda: check_determinism(lambda: _short_run(setup, batch_size)))
+    add(lambda: _lr_range_check(run, out))
+    add(lambda: check_capacity(fresh_model if has_width(run) else None, x_train, y_train, steps=CAPACITY_STEPS,
+                               seed=seed))
+    add(lambda: check_determinism(lambda: _short_run(run, batch_size)))
     return checks
 
 
-def _lr_range_check(setup: Setup, out: Path) -> Check:
+def _lr_range_check(run: BuiltRun, out: Path) -> Check:
     from visionrecipe.evaluate.report import new_figure, save_figure
 
-    cfg = setup.cfg
+    cfg = run.cfg
     torch.manual_seed(cfg.run.seed)
-    model = build_model(setup)
-    batch_size = min(cfg.optim.batch_size, LR_RANGE_BATCH, len(setup.labels))
-    optimizer = build_optimizer(model, cfg, setup.head_path, batch_size)
-    factors, losses = lr_range(model, optimizer, recipe_batches(setup, batch_size), steps=LR_RANGE_STEPS,
-                               label_smoothing=cfg.optim.label_smoothing)
+    model = run.new_model()
+    batch_size = min(cfg.optim.batch_size, LR_RANGE_BATCH, len(run.labels))
+    optimizer = build_optimizer(model, cfg, run.head_path, batch_size)
+    factors, losses = lr_range(model, optimizer, recipe_batches(run, batch_size), steps=LR_RANGE_STEPS,
+                               loss_fn=run.loss_fn)
     lrs = [cfg.optim.lr * f for f in factors]  # in --lr units
     check = check_lr_range(lrs, losses, cfg.optim.lr)
     if len(losses) >= 10:
@@ -238,15 +173,15 @@ def _lr_range_check(setup: Setup, out: Path) -> Check:
     return check
 
 
-def _short_run(setup: Setup, batch_size: int) -> list[float]:
-    """A few seeded training steps through the trainer's own optimizer and batches."""
-    cfg = setup.cfg
+def _short_run(run: BuiltRun, batch_size: int) -> list[float]:
+    """A few seeded training steps through the trainer's own optimizer, batches and loss."""
+    cfg = run.cfg
     torch.manual_seed(cfg.run.seed)
-    model = build_model(setup).train()
-    optimizer = build_optimizer(model, cfg, setup.head_path, batch_size)
+    model = run.new_model().train()
+    optimizer = build_optimizer(model, cfg, run.head_path, batch_size)
     losses = []
-    for _, (x, y) in zip(range(DETERMINISM_STEPS), recipe_batches(setup, batch_size)):
-        loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.optim.label_smoothing)
+    for _, (x, y) in zip(range(DETERMINISM_STEPS), recipe_batches(run, batch_size)):
+        loss = run.loss_fn(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -256,16 +191,27 @@ def _short_run(setup: Setup, batch_size: int) -> list[float]:
 
 def run_doctor(cfg: Config, out: str | Path | None = None, *, device: str = "auto",
                emit: Callable[[Check], None] | None = None, progress: bool = False) -> dict:
-    """Run every check, write doctor.json and the pictures into `out`; returns doctor.json's content."""
+    """Run every check, write doctor.json and the pictures into `out`; returns doctor.json's content.
+    The process's CPU threads are as they were when it returns."""
     try:
-        from visionrecipe.evaluate.report import image_grid, save_figure
+        import visionrecipe.evaluate.report  # noqa: F401  (the pictures are drawn with matplotlib)
     except ImportError:
         raise VisionRecipeError("the doctor's pictures need matplotlib: pip install 'visionrecipe[report]'") from None
 
+    threads = torch.get_num_threads()
+    try:
+        return _run_doctor(cfg, out, device, emit or (lambda check: None), progress)
+    finally:
+        torch.set_num_threads(threads)  # prepare may have set one thread for small images
+
+
+def _run_doctor(cfg: Config, out: str | Path | None, device: str, emit: Callable[[Check], None],
+                progress: bool) -> dict:
+    from visionrecipe.evaluate.report import image_grid, save_figure
+
     started = time.perf_counter()
-    emit = emit or (lambda check: None)
-    setup = prepare(cfg, device, progress)
-    cfg, data = setup.cfg, setup.data
+    run = prepare(cfg, device, progress)
+    cfg, data = run.cfg, run.data
     out = Path(out or Path("runs") / f"doctor-{Path(cfg.data.data.rstrip('/')).name or 'data'}").expanduser()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -275,10 +221,10 @@ def run_doctor(cfg: Config, out: str | Path | None = None, *, device: str = "aut
     rows = class_samples(data.train.labels, len(data.classes), SAMPLES_PER_CLASS, cfg.run.seed)[:MAX_CLASS_ROWS]
     images = [data.train.images[row[i]] if i < len(row) else None for row in rows for i in range(SAMPLES_PER_CLASS)]
     save_figure(image_grid(images, SAMPLES_PER_CLASS, row_labels=data.classes[:len(rows)]), out / "samples.png")
-    checks += model_checks(setup, out, emit)
+    checks += model_checks(run, out, emit)
 
     report = {
-        "data": cfg.data.data, "model": cfg.model.model, "recipe": cfg.optim.recipe, "device": str(setup.device),
+        "data": cfg.data.data, "model": cfg.model.model, "recipe": cfg.optim.recipe, "device": str(run.device),
         "passed": not any(c.verdict == "fail" for c in checks), "seconds": round(time.perf_counter() - started, 1),
         "checks": [asdict(c) for c in checks],
         "figures": [name for name in FIGURES if (out / name).is_file()],

@@ -149,14 +149,16 @@ def worst_mistakes(logits: torch.Tensor, labels: torch.Tensor, k: int = MISTAKES
     return [(int(i), int(predicted[i]), float(confidence[i])) for i in order]
 
 
-def write_report(run_dir: str | Path, dataset=None) -> Path:
-    """Evaluate the run on its test split (rewriting eval.json) and write report.html with its PNGs."""
+def write_report(run_dir: str | Path, dataset=None, scored: tuple[dict, torch.Tensor] | None = None) -> Path:
+    """Write report.html with its PNGs from the run's test split. `scored` is the (result, logits)
+    of evaluate_run(..., return_logits=True) when the caller has just scored it (the trainer, with
+    `dataset`); without it the split is evaluated here (rewriting eval.json)."""
     run_dir = trained_run(run_dir)
     with locked(run_dir):  # no other process writes the run meanwhile (a training run, another report)
-        return _write_report(run_dir, dataset)
+        return _write_report(run_dir, dataset, scored)
 
 
-def _write_report(run_dir: Path, dataset) -> Path:
+def _write_report(run_dir: Path, dataset, scored) -> Path:
     from visionrecipe.models.checkpoint import load_model
     from visionrecipe.evaluate.scoring import evaluate_run, load_run_dataset
     from visionrecipe.models import count_parameters
@@ -164,7 +166,7 @@ def _write_report(run_dir: Path, dataset) -> Path:
     model, meta = load_model(run_dir)
     if dataset is None:
         dataset = load_run_dataset(run_dir, meta)
-    result, logits = evaluate_run(run_dir, dataset=dataset, return_logits=True)
+    result, logits = scored or evaluate_run(run_dir, dataset=dataset, return_logits=True)
     multilabel = result.get("task") == "multilabel"
     metrics = read_metrics(run_dir)
     classes, labels = result["classes"], dataset.test.labels

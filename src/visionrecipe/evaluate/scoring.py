@@ -124,13 +124,13 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
 
 
 def load_run_dataset(run_dir: Path, meta: dict, *, data: str | None = None, data_dir: str | None = None):
-    """The dataset a run was trained on (or `data`), loaded with the run's own settings."""
-    from visionrecipe.data import load_dataset
+    """The dataset a run was trained on (or `data`), loaded as training loaded it (train.build.load_data)."""
+    from visionrecipe.recipes import copy_config
+    from visionrecipe.train.build import load_data
 
     config = _run_config(Path(run_dir))
-    return load_dataset(data or meta.get("data") or config.data.data, data_dir=data_dir or config.data.data_dir,
-                        image_size=meta["input_size"][1], val_fraction=config.data.val_fraction,
-                        seed=config.run.seed, progress=False, allow_outside_paths=config.data.allow_outside_paths)
+    return load_data(copy_config(config, data=data or meta.get("data") or config.data.data,
+                                 data_dir=data_dir or config.data.data_dir, image_size=meta["input_size"][1]))
 
 
 def calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:

@@ -67,7 +67,13 @@ class BatchAugment:
         return x
 
 
+# Each random stream of a run is seeded with seed * SEED_STRIDE + offset, the offset numbering the
+# stream's instances (an epoch, a step, a process rank): a prime above any offset keeps the streams
+# of seed 0 and seed 1 from ever meeting.
+SEED_STRIDE = 1_000_003
+
+
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     """The shuffled order of an epoch, a pure function of (seed, epoch): resume needs no RNG state."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 7 * epoch + 1)
+    g = torch.Generator().manual_seed(seed * SEED_STRIDE + 7 * epoch + 1)
     return torch.randperm(n, generator=g).to(device)

@@ -1,15 +1,33 @@
-"""Watching a run: the live progress bar, TensorBoard event files, and the NaN test hook.
+"""What a run shows and records as it goes: the progress bar, each epoch's line, metrics.jsonl,
+TensorBoard, and the best and last model files.
 
-    bar = progress_bar(total_steps, "Epoch 1/10", enabled=True)
-    writer = open_tensorboard(run_dir)       # --tensorboard
+    bar = progress_bar(steps, "Epoch 1/10", enabled=True)
+    record = epoch_record(epoch=1, step=40, train_loss=0.9, val=metrics, lr=0.1, images_per_second=5e3, elapsed=3.2)
+    log_epoch(record, epochs=10, eval_name="val")
+    write_epoch(run_dir, record, tensorboard)             # metrics.jsonl, then TensorBoard
+    best = save_models(run_dir, model, meta, score=0.91, best=0.88)   # last always, model when better
+
+Plain functions the loop calls at the end of each epoch, in that order; only rank 0 writes.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import torch
+
 from visionrecipe.errors import VisionRecipeError
+from visionrecipe.models import checkpoint as ckpt
+from visionrecipe.rundir import append_metrics
+from visionrecipe.system import log
+
+
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, unit="step", dynamic_ncols=True)
 
 
 def open_tensorboard(run_dir: Path):
@@ -22,19 +40,36 @@ def open_tensorboard(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+def epoch_record(*, epoch: int, step: int, train_loss: float, val: dict, lr: float, images_per_second: float,
+                 elapsed: float, nan_skips: int = 0) -> dict:
+    """One line of metrics.jsonl. val_acc is the validation score that picks the best epoch
+    (accuracy, or mAP for multilabel); elapsed_s counts training and validation seconds."""
+    record = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
+              "val_acc": val["accuracy"], "lr": lr, "img_per_s": round(images_per_second, 1),
+              "elapsed_s": round(elapsed, 3), "step": step}
+    if nan_skips:
+        record["nan_skips"] = nan_skips
+    return record
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, unit="step", dynamic_ncols=True)
+
+def log_epoch(record: dict, epochs: int, eval_name: str) -> None:
+    """The epoch's line on stderr; `eval_name` is the split validated on (test when --val-fraction 0)."""
+    log(f"Epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  {eval_name}_loss {record['val_loss']:.4f}  "
+        f"{eval_name}_acc {100 * record['val_acc']:.2f}%  lr {record['lr']:.1e}  {record['img_per_s']:,.0f} img/s")
 
 
-def nan_injection_steps() -> set[int]:
-    """Test hook: VISIONRECIPE_INJECT_NAN_AT_STEP=12 (or 12,15) makes the loss of those steps
-    (1-based) NaN, so the NaN handling can be tested on a healthy run. Read once, here."""
-    value = os.environ.get("VISIONRECIPE_INJECT_NAN_AT_STEP", "")
-    try:
-        return {int(part) for part in value.split(",") if part.strip()}
-    except ValueError:
-        raise VisionRecipeError(f"VISIONRECIPE_INJECT_NAN_AT_STEP={value!r}: expected step numbers, e.g. 12,15") from None
+def write_epoch(run_dir: Path, record: dict, tensorboard=None) -> None:
+    """Append the record to metrics.jsonl and, with --tensorboard, to the event files."""
+    append_metrics(run_dir, record)
+    if tensorboard is not None:
+        for name, value in record.items():
+            tensorboard.add_scalar(name, value, record["epoch"])
+        tensorboard.flush()
+
+
+def save_models(run_dir: Path, model: torch.nn.Module, meta: dict, score: float, best: float) -> float:
+    """last.safetensors every epoch, model.safetensors when `score` beats `best`; returns the new best."""
+    ckpt.save_model(run_dir, "last", model, meta)
+    if score > best:
+        ckpt.save_model(run_dir, "model", model, meta)
+    return max(best, score)

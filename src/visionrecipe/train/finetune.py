@@ -360,7 +360,7 @@ def _check_architecture(meta: dict, cfg, weights: str) -> None:
     if theirs != ours and not related:
         raise VisionRecipeError(f"--weights {weights} holds a {theirs} model, which --model {ours} cannot load; "
                                 f"use --model {theirs}")
-    options = {k: v for k, v in (("width", cfg.model.width), ("depth", cfg.model.depth)) if v is not None}
+    options = cfg.model.options()
     if theirs == ours and meta.get("model_options", {}) != options:
         flags = " ".join(f"--{k} {v}" for k, v in meta.get("model_options", {}).items()) or "no --width/--depth"
         raise VisionRecipeError(f"--weights {weights} was trained with {flags}; give the same options")

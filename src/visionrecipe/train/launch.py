@@ -82,7 +82,7 @@ def check_before_launch(argv: list[str], nproc: int, read_config: Callable[[list
     """The checks a worker would fail on, done once here so the error is one line (torchrun
     would wrap it in a page of its own); returns argv with the run directory spelled out, so
     every process uses the same one (the default name holds the time)."""
-    from visionrecipe.config import resolve_recipe
+    from visionrecipe.recipes import resolve_recipe
     from visionrecipe.models import get_spec
     from visionrecipe.rundir import check_run_dir
 

@@ -1,16 +1,18 @@
-"""The training loop: one readable function from data to a finished run directory.
+"""The training loop: one readable class from settings to a finished run directory.
 
     run = train(Config.from_dict({"data": "digits", "epochs": 5}))
     run = train(data="digits", model="seedcnn", epochs=5)      # same, keyword settings
     run.evaluate()["accuracy"]
-
-What happens, in order: resolve the recipe, load the data as uint8 tensors (decoded once, cached),
-build the model, then loop over steps. Each step gathers a batch from the device-resident data,
-augments it on the device, runs forward/backward under bf16 autocast on CUDA, and steps the
-optimizer with the learning rate of the schedule at that step. Each epoch ends with validation,
-`metrics.jsonl`, the best and last models, and `state.pt` for an exact resume.
-
     run = resume("runs/x")      # bit for bit where it stopped, mid-epoch included (README: Survive faults)
+
+What happens, in order (Trainer.fit): resolve the settings and load the data as uint8 tensors
+(decoded once, cached), build the model, normalisation and augmentation (train/build.py), then
+for each epoch: training steps, validation, and the epoch's records (train/callbacks.py:
+metrics.jsonl, best and last model, TensorBoard) and state.pt for an exact resume (train/state.py).
+Each step gathers a batch from the device-resident data, augments it on the device, runs
+forward/backward under bf16 autocast on CUDA, and steps the optimizer with the learning rate of
+the schedule at that step. At the end the test split is scored once, and the report is drawn
+from those numbers.
 
 SIGINT/SIGTERM finish the step, save and raise TrainingInterrupted (exit 130/143); a NaN loss
 raises TrainingStopped (or skips the batch with --on-nan skip). Under torchrun each process trains
@@ -20,29 +22,31 @@ skip, save) are agreed by all at each step, and only rank 0 writes.
 
 from __future__ import annotations
 
-import math
+import os
 import signal
 import time
 from pathlib import Path
 
 import torch
 
-from visionrecipe.models import checkpoint as ckpt
-from visionrecipe.train.augment import BatchAugment, epoch_order
-from visionrecipe.config import Config, apply_overrides, resolve_device_defaults, resolve_crop_padding, resolve_recipe, save_config
-from visionrecipe.data import channel_stats, load_dataset
+from visionrecipe.config import Config, apply_overrides, load_config, save_config
 from visionrecipe.errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
-from visionrecipe.evaluate.sharded import sharded_logits
 from visionrecipe.evaluate.scoring import compute_metrics
-from visionrecipe.models import create_model, get_spec
-from visionrecipe.train.callbacks import nan_injection_steps, open_tensorboard, progress_bar
-from visionrecipe.train.tasks import check_task, compute_multilabel_metrics, init_prior_bias, task_loss
-from visionrecipe.train.optim import EMA, build_optimizer, small_data_batch
-from visionrecipe.train.state import STATE_KEYS, data_fingerprint, load_state, plan_resume, save_state
-from visionrecipe.rundir import Run
-from visionrecipe.rundir import append_metrics, check_run_dir, ensure_room, prepare_run_dir, truncate_metrics, unlock
-from visionrecipe.train.schedule import lr_factor
+from visionrecipe.evaluate.sharded import sharded_logits
+from visionrecipe.recipes import copy_config
+from visionrecipe.rundir import (Run, check_run_dir, default_run_dir, ensure_room, prepare_run_dir, truncate_metrics,
+                                 unlock)
 from visionrecipe.system import local_rank, log, select_device, set_threads, shutdown, warn, world
+from visionrecipe.train.augment import SEED_STRIDE, epoch_order
+from visionrecipe.train.budget import BUDGET_PROBE_STEPS, eval_fraction, plan_budget, replan_budget
+from visionrecipe.train.build import build_run, load_data, resolve
+from visionrecipe.train.callbacks import epoch_record, log_epoch, open_tensorboard, progress_bar, save_models, write_epoch
+from visionrecipe.train.finetune import backbone_freezer
+from visionrecipe.train.optim import EMA, build_optimizer
+from visionrecipe.train.schedule import lr_factor
+from visionrecipe.train.state import (TrainState, check_data, data_fingerprint, learned_state, load_learned_state,
+                                      plan_resume, read_state, restore_rng, write_state)
+from visionrecipe.train.tasks import check_task, compute_multilabel_metrics
 
 
 def train(config: Config | None = None, *, on_epoch=None, evaluate_test: bool = True, **settings) -> Run:
@@ -61,10 +65,9 @@ def resume(run_dir: str | Path, **settings) -> Run:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume_dir: Path | None = None, on_epoch=None, evaluate_test: bool = True,
+    def __init__(self, settings: Config, resume_dir: Path | None = None, on_epoch=None, evaluate_test: bool = True,
                  changed: dict | None = None):
-        self.recipe_batch = cfg.optim.batch_size is None  # the recipe's batch may shrink to fit small data
-        self.cfg = resolve_recipe(cfg)
+        self.settings = settings  # as given; setup resolves them once into self.cfg
         self.resume_dir = resume_dir
         self.changed = changed or {}  # settings a resume changed (RESUME_SETTINGS), for config.yaml
         self.on_epoch = on_epoch
@@ -73,134 +76,79 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
-        self.device = select_device(cfg.run.device, local_rank=local_rank())
-        resolve_device_defaults(cfg, self.device.type)
+        self.device = select_device(self.settings.run.device, local_rank=local_rank())
         self.world = world(self.device)
-        set_threads(cfg.run.threads, self.device)
-        if cfg.run.deterministic:
+        loading = resolve(self.settings, self.device.type)  # enough to load the data (and fail early)
+        set_threads(loading.run.threads, self.device)
+        if loading.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.manual_seed(cfg.run.seed)
-        spec = get_spec(cfg.model.model)  # unknown model: fail before decoding any data
-        if cfg.model.weights and cfg.data.image_size is None:
-            from visionrecipe.train.finetune import pretrained_image_size
-
-            # Decode at the size the weights were trained at (also checks they exist, before decoding).
-            cfg.data.image_size = pretrained_image_size(cfg, spec)
-
+        torch.manual_seed(loading.run.seed)
+        # The default name holds the time: rank 0 chooses it and every process uses it.
+        out = loading.run.out or self.world.broadcast(default_run_dir(loading))
+        self.settings = copy_config(self.settings, out=out)
         if self.resume_dir is not None:  # locked before its state is read: no other process writes it
-            self.open_run_dir(resume=True)
+            self.open_run_dir(copy_config(loading, out=out), resume=True)
         elif self.world.is_main:
-            check_run_dir(cfg)  # a refused --out fails now, before any data is decoded; nothing is written
+            check_run_dir(copy_config(loading, out=out))  # a refused --out fails now, before any decoding
         # The resume state is read before any data is decoded: a damaged file fails in a second.
-        state = ckpt.read_resume_file(self.resume_dir / "state.pt", STATE_KEYS) if self.resume_dir is not None else None
+        saved = read_state(self.resume_dir / "state.pt") if self.resume_dir is not None else None
         with self.world.main_first():  # rank 0 decodes and caches a folder; the others read the cache
-            self.data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
-                                     val_fraction=cfg.data.val_fraction, seed=cfg.run.seed,
-                                     strict=cfg.data.strict, progress=cfg.run.progress and self.world.is_main,
-                                     workers=cfg.data.workers, allow_outside_paths=cfg.data.allow_outside_paths)
-        if self.data.skipped:
-            names = ", ".join(path for path, _ in self.data.skipped[:5])
-            more = f" and {len(self.data.skipped) - 5} more" if len(self.data.skipped) > 5 else ""
-            warn(f"warning: skipped {len(self.data.skipped)} unreadable image(s): {names}{more}")
-        train_split = self.data.train
-        _, channels, height, width = train_split.images.shape
-        self.classes = self.data.classes
-        check_task(cfg, self.data)
+            self.data = load_data(loading, progress=loading.run.progress and self.world.is_main)
+        warn_skipped(self.data.skipped)
+        check_task(loading, self.data)
+
+        # From here on the config is complete, and nothing changes it: config.yaml is what runs.
+        self.cfg = cfg = resolve(self.settings, self.device.type, self.data, self.world.size)
         if self.resume_dir is None:
-            self.open_run_dir()  # every input is good: only now is the folder created, or cleared by --overwrite
+            self.open_run_dir(cfg)  # every input is good: only now is the folder created, or cleared by --overwrite
         self.tensorboard = open_tensorboard(self.run_dir) if cfg.run.tensorboard and self.world.is_main else None
-        self.mean, self.std = channel_stats(train_split.images)
-        self.data_fingerprint = data_fingerprint(self.data, self.mean, self.std)  # a resume must find the same
-        options = {k: v for k, v in (("width", cfg.model.width), ("depth", cfg.model.depth)) if v is not None}
-        self.model = create_model(cfg.model.model, len(self.classes), in_channels=channels,
-                                  image_size=height, head=cfg.model.head, **options)
-        self.meta = {
-            "architecture": cfg.model.model, "model_options": options, "head": cfg.model.head,
-            "family": spec.family, "classes": list(self.classes), "input_size": [channels, height, width],
-            "mean": self.mean, "std": self.std, "tta": bool(cfg.optim.tta), "task": cfg.model.task,
-            "data": cfg.data.data, "threshold": cfg.model.threshold,
-        }
-        if cfg.model.task == "multilabel":
-            init_prior_bias(self.model, spec.head_path, train_split.labels)
-        self.loss_fn = task_loss(cfg)
-        if cfg.model.weights:
-            from visionrecipe.train.finetune import load_initial_weights
-
-            preprocessing = load_initial_weights(self.model, cfg, spec, len(self.classes), classes=list(self.classes),
-                                                 resume_dir=self.resume_dir)
-            self.meta.update(preprocessing or {})
-            self.mean, self.std = self.meta["mean"], self.meta["std"]
-        from visionrecipe.train.finetune import backbone_freezer
-
-        self.freezer = backbone_freezer(self.model, cfg, spec.head_path)  # None unless --freeze-backbone
-        self.head_path = spec.head_path
+        self.built = built = build_run(cfg, self.data, self.device, resume_dir=self.resume_dir)
+        self.model, self.mean, self.std = built.model, built.mean, built.std
+        self.data_fingerprint = data_fingerprint(self.data, *built.data_stats)  # a resume must find the same
+        self.freezer = backbone_freezer(self.model, cfg, built.head_path)  # None unless --freeze-backbone
         if self.world.is_main:
             # best + last model, and the state with optimizer moments: about 4 copies of the weights
             ensure_room(self.run_dir, 4 * 4 * sum(p.numel() for p in self.model.parameters()))
-        self.model.to(self.device)
         if cfg.run.channels_last and self.device.type != "mps":
             self.model.to(memory_format=torch.channels_last)
-
-        # The data lives on the device as uint8: 50,000 CIFAR images are 150 MB.
-        self.train_images = train_split.images.to(self.device)
-        self.train_labels = train_split.labels.to(self.device)
-        cfg.optim.crop_padding = resolve_crop_padding(cfg, height)
-        self.augment = BatchAugment(self.mean, self.std, crop_padding=cfg.optim.crop_padding,
-                                    flip=cfg.optim.flip, alternate_flip=cfg.optim.alternate_flip,
-                                    n_train=len(self.train_labels), seed=cfg.run.seed, device=self.device)
-        if cfg.optim.whiten:
-            from visionrecipe.models.fastnet import init_whitening
-
-            sample = self.augment.normalise(self.train_images[:5000])
-            init_whitening(self.model, sample.float())
         if self.data.val is not None:
             self.eval_split, self.eval_name = self.data.val, "val"
         else:
             self.eval_split, self.eval_name = self.data.test, "test"
             log("note: --val-fraction 0: validating on the test split each epoch (model selection sees test)")
 
-        if self.recipe_batch:
-            cfg.optim.batch_size = small_data_batch(cfg.optim.batch_size, len(self.train_labels), self.world.size)
         # --batch-size is the global batch: each of the world's processes takes an equal slice of
         # it, so 2 processes train on the same batches, with the same lr, as one.
         if cfg.optim.batch_size % self.world.size:
             raise VisionRecipeError(f"--batch-size {cfg.optim.batch_size} is the global batch and must be a "
                                     f"multiple of the {self.world.size} processes")
-        n = len(self.train_labels)
+        n = len(built.labels)
         self.global_batch = min(cfg.optim.batch_size, n - n % self.world.size)
         self.batch_size = self.global_batch // self.world.size  # per process
         # The last partial batch is dropped: a batch of 1 breaks BatchNorm, and equal batches keep
         # the schedule's step count exact.
         self.steps_per_epoch = max(1, n // self.global_batch)
-        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
-        self.optimizer = build_optimizer(self.model, cfg, self.head_path, self.global_batch)
+        self.optimizer = build_optimizer(self.model, cfg, built.head_path, self.global_batch)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema else None
         self.train_model = self.wrap_model()
         if self.world.rank:
             # Dropout masks should differ between processes as they do between images of a batch;
             # the weights are already identical (DDP broadcast rank 0's).
-            torch.manual_seed(cfg.run.seed * 1_000_003 + self.world.rank)
-        self.step = 0
-        self.epoch = 0
-        self.position = 0  # global batches of the current epoch already done
-        self.loss_sum = torch.zeros((), device=self.device)  # this epoch's loss × images, so far
-        self.seen = 0  # this epoch's images with a finite loss, so far (this process)
-        self.best_acc = -1.0
-        self.elapsed = 0.0  # training seconds, summed across resumes
-        self.nan_skips = 0
+            torch.manual_seed(cfg.run.seed * SEED_STRIDE + self.world.rank)
         self.inject_nan = nan_injection_steps()
-        if state is not None:
-            self.load_state(state)
-        elif self.world.is_main:
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            truncate_metrics(self.run_dir, 0)  # an empty metrics.jsonl: no epoch yet
+        if saved is not None:
+            self.restore(saved)
+        else:
+            self.state = TrainState(total_steps=self.steps_per_epoch * cfg.optim.epochs, epochs=cfg.optim.epochs,
+                                    loss_sum=torch.zeros((), device=self.device))
+            if self.world.is_main:
+                save_config(cfg, self.run_dir / "config.yaml")
+                truncate_metrics(self.run_dir, 0)  # an empty metrics.jsonl: no epoch yet
 
-    def open_run_dir(self, resume: bool = False) -> None:
-        """Rank 0 prepares and locks the directory (the default name holds the time); the others follow it."""
-        self.run_dir = Path(self.world.broadcast(str(prepare_run_dir(self.cfg, resume=resume))))
-        self.cfg.run.out = str(self.run_dir)
+    def open_run_dir(self, cfg: Config, resume: bool = False) -> None:
+        """Rank 0 prepares and locks the directory; the others follow it."""
+        self.run_dir = Path(self.world.broadcast(str(prepare_run_dir(cfg, resume=resume))))
 
     def wrap_model(self) -> torch.nn.Module:
         model = self.model
@@ -220,15 +168,15 @@ class Trainer:
         """Train to the end and return the Run (None in processes other than rank 0)."""
         try:
             self.setup()
-            cfg = self.cfg
+            cfg, state = self.cfg, self.state
             old_handlers = self.install_signal_handlers()
             log(f"training {cfg.model.model} ({sum(p.numel() for p in self.model.parameters()):,} parameters) on "
-                f"{cfg.data.data}: {len(self.train_labels):,} train, {len(self.eval_split.labels):,} {self.eval_name}, "
-                f"{len(self.data.test.labels):,} test images, {len(self.classes)} classes, device {self.device}"
+                f"{cfg.data.data}: {len(self.built.labels):,} train, {len(self.eval_split.labels):,} {self.eval_name}, "
+                f"{len(self.data.test.labels):,} test images, {len(self.data.classes)} classes, device {self.device}"
                 + (f", {self.world.size} processes" if self.world.size > 1 else "")
                 + (f", decode {self.data.decode_seconds:.1f}s" if self.data.decode_seconds else ""))
             try:
-                while self.epoch < cfg.optim.epochs and self.step < self.total_steps:
+                while state.epoch < state.epochs and state.step < state.total_steps:
                     self.run_epoch()
             finally:
                 restore_signal_handlers(old_handlers)
@@ -238,46 +186,57 @@ class Trainer:
             shutdown()
 
     def run_epoch(self) -> None:
-        cfg, epoch = self.cfg, self.epoch
+        """The rest of the current epoch: its training steps, then validation and the records."""
+        train_loss, images_per_second = self.train_epoch()
+        self.end_epoch(train_loss, images_per_second)
+
+    def train_epoch(self) -> tuple[float, float]:
+        """The rest of the current epoch's steps; (mean train loss, images per second)."""
+        cfg, state, built = self.cfg, self.state, self.built
+        epoch = state.epoch
         self.model.train()
         if self.freezer is not None:
             self.freezer.apply(epoch)  # after train(): frozen BatchNorm goes back to eval mode
-        order = epoch_order(len(self.train_labels), cfg.run.seed, epoch, self.device)
+        order = epoch_order(len(built.labels), cfg.run.seed, epoch, self.device)
         rank, size = self.world.rank, self.world.size
-        steps = min(self.steps_per_epoch, self.total_steps - self.step + self.position)
+        steps = min(self.steps_per_epoch, state.total_steps - state.step + state.position)
         generator = torch.Generator(device=self.device)
-        bar = progress_bar(steps, f"Epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.progress and self.world.is_main,
-                           initial=self.position)
+        bar = progress_bar(steps, f"Epoch {epoch + 1}/{state.epochs}", cfg.run.progress and self.world.is_main,
+                           initial=state.position)
         start = epoch_start = time.perf_counter()
         last_save = time.monotonic()
         images = 0  # trained on by this process in this session: for images per second
         # total_steps can shrink mid-epoch when a time budget is planned, hence both bounds.
-        while self.position < steps and self.step < self.total_steps:
+        while state.position < steps and state.step < state.total_steps:
             # Every process augments the same global batch (the generator is seeded by the step)
             # and trains on its slice [rank::size], which over the epoch is order[rank::size]: the
             # batches and augmentations are those of one process, whatever the world size.
-            index = order[self.position * self.global_batch:(self.position + 1) * self.global_batch]
-            generator.manual_seed(cfg.run.seed * 1_000_003 + self.step)
-            x = self.augment(self.train_images[index], index, epoch, generator)[rank::size]
-            y = self.train_labels[index][rank::size]
+            index = order[state.position * self.global_batch:(state.position + 1) * self.global_batch]
+            generator.manual_seed(cfg.run.seed * SEED_STRIDE + state.step)
+            x = built.augment(built.images[index], index, epoch, generator)[rank::size]
+            y = built.labels[index][rank::size]
             if cfg.run.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss = self.train_step(x, y)
             if loss is not None:  # None: a non-finite loss, skipped with --on-nan skip
-                self.loss_sum += loss.detach() * len(y)
-                self.seen += len(y)
+                state.loss_sum += loss.detach() * len(y)
+                state.seen += len(y)
             images += len(y)
-            self.step += 1
-            self.position += 1
+            state.step += 1
+            state.position += 1
             if bar is not None:
                 bar.update(1)
-                if self.position % 10 == 0 and loss is not None:
+                if state.position % 10 == 0 and loss is not None:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-            if cfg.optim.time_budget and self.step == 8 and epoch == 0:
-                self.plan_budget(time.perf_counter() - start)
+            if cfg.optim.time_budget and state.step == BUDGET_PROBE_STEPS and epoch == 0:
+                share = eval_fraction(len(self.eval_split.labels), self.global_batch, self.steps_per_epoch)
+                plan = plan_budget(cfg.optim.time_budget, time.perf_counter() - start, self.steps_per_epoch, share,
+                                   state.step)
+                # Each process timed itself; all follow rank 0's plan so they take the same steps.
+                state.total_steps, state.epochs = self.world.broadcast(plan)
             stop_signal, save_due = self.agree_on_events(last_save)
             if stop_signal or save_due:
-                self.elapsed += time.perf_counter() - start
+                state.elapsed += time.perf_counter() - start
                 start = time.perf_counter()
                 self.save_state()
                 last_save = time.monotonic()
@@ -285,11 +244,11 @@ class Trainer:
                 raise TrainingInterrupted(128 + stop_signal, self.run_dir, self.world.size)
         if bar is not None:
             bar.close()
-        self.elapsed += time.perf_counter() - start
+        state.elapsed += time.perf_counter() - start
         # The loss sum survives a resume in state.pt, so a resumed epoch reports the same mean.
-        totals = self.world.sum(torch.stack([self.loss_sum, torch.tensor(float(self.seen), device=self.device)]))
+        totals = self.world.sum(torch.stack([state.loss_sum, torch.tensor(float(state.seen), device=self.device)]))
         train_loss = float(totals[0] / totals[1]) if totals[1] else float("nan")
-        self.end_epoch(train_loss, images * size / max(time.perf_counter() - epoch_start, 1e-9))
+        return train_loss, images * size / max(time.perf_counter() - epoch_start, 1e-9)
 
     def agree_on_events(self, last_save: float) -> tuple[int, bool]:
         """(signal number or 0, checkpoint due), the same in every process: they stop and save
@@ -301,15 +260,15 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """One optimizer step; returns the loss, or None when a non-finite loss was skipped."""
-        cfg = self.cfg
-        factor = lr_factor(cfg.optim.schedule, self.step, self.total_steps,
+        cfg, step = self.cfg, self.state.step
+        factor = lr_factor(cfg.optim.schedule, step, self.state.total_steps,
                            warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.train_model(x)
-            loss = self.loss_fn(logits.float(), y)
-        if self.step + 1 in self.inject_nan:  # test hook: VISIONRECIPE_INJECT_NAN_AT_STEP
+            loss = self.built.loss_fn(logits.float(), y)
+        if step + 1 in self.inject_nan:  # test hook: VISIONRECIPE_INJECT_NAN_AT_STEP
             loss = loss * float("nan")
         if not self.loss_is_finite(loss):
             return None
@@ -319,7 +278,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(self.model, self.step)
+            self.ema.update(self.model, step)
         return loss
 
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
@@ -332,69 +291,41 @@ class Trainer:
             finite = self.world.max([int(not finite)]) == [0]
         if finite:
             return True
+        state = self.state
         value = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
         if self.cfg.optim.on_nan == "skip":
-            self.nan_skips += 1
-            warn(f"warning: loss {value} at step {self.step + 1}, batch skipped ({self.nan_skips} so far)")
+            state.nan_skips += 1
+            warn(f"warning: loss {value} at step {state.step + 1}, batch skipped ({state.nan_skips} so far)")
             return False
         # Nothing is saved: the last checkpoint (state.pt, last and best model) predates the NaN.
-        raise TrainingStopped(f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); "
+        raise TrainingStopped(f"loss became {value} at step {state.step + 1} (epoch {state.epoch + 1}); "
                               f"the last good checkpoint is kept in {self.run_dir}; "
                               "try a lower --lr, --grad-clip, or --on-nan skip")
 
-    def plan_budget(self, seconds_for_first_steps: float) -> None:
-        """Set the total step count so the schedule ends at the time budget.
-
-        Measured on steps 2–8 (step 1 pays one-off costs), with the cost of each epoch's
-        validation pass estimated from the data sizes and deducted.
-        """
-        per_step = seconds_for_first_steps / 8
-        eval_fraction = len(self.eval_split.labels) / (3 * self.global_batch * self.steps_per_epoch)
-        budget = self.cfg.optim.time_budget / (1 + eval_fraction)
-        self.total_steps = max(self.step + 1, int(budget / per_step))
-        self.cfg.optim.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        # Each process timed itself; all follow rank 0's plan so they take the same steps.
-        self.total_steps, self.cfg.optim.epochs = self.world.broadcast((self.total_steps, self.cfg.optim.epochs))
-
-    def replan_budget(self) -> None:
-        """Re-measure at each epoch end: the first steps are a noisy estimate."""
-        remaining = self.cfg.optim.time_budget - self.elapsed
-        per_step = self.elapsed / max(self.step, 1)
-        self.total_steps = self.step + max(0, int(remaining / per_step))
-        self.cfg.optim.epochs = max(self.epoch, math.ceil(self.total_steps / self.steps_per_epoch))
-        self.total_steps, self.cfg.optim.epochs = self.world.broadcast((self.total_steps, self.cfg.optim.epochs))
-
     def end_epoch(self, train_loss: float, images_per_second: float) -> None:
-        cfg = self.cfg
+        """Validate, then record the epoch: its line, metrics.jsonl, the models and state.pt."""
+        cfg, state = self.cfg, self.state
         eval_start = time.perf_counter()
         model = self.ema.model if self.ema is not None else self.model
         metrics = self.evaluate(model, self.eval_split)
-        self.epoch += 1
-        self.position = 0
-        self.loss_sum.zero_()
-        self.seen = 0
-        self.elapsed += time.perf_counter() - eval_start  # the budget covers validation too
+        state.epoch += 1
+        state.position = 0
+        state.loss_sum.zero_()
+        state.seen = 0
+        state.elapsed += time.perf_counter() - eval_start  # the budget covers validation too
         if cfg.optim.time_budget:
-            self.replan_budget()
-        record = {"epoch": self.epoch, "train_loss": round(train_loss, 6), "val_loss": round(metrics["loss"], 6),
-                  "val_acc": metrics["accuracy"], "lr": self.optimizer.param_groups[-1]["lr"],
-                  "img_per_s": round(images_per_second, 1), "elapsed_s": round(self.elapsed, 3), "step": self.step}
-        if self.nan_skips:
-            record["nan_skips"] = self.nan_skips
-        log(f"Epoch {self.epoch}/{cfg.optim.epochs}  loss {train_loss:.4f}  {self.eval_name}_loss {metrics['loss']:.4f}  "
-            f"{self.eval_name}_acc {100 * metrics['accuracy']:.2f}%  lr {record['lr']:.1e}  {images_per_second:,.0f} img/s")
+            plan = replan_budget(cfg.optim.time_budget, state.elapsed, state.step, state.epoch, self.steps_per_epoch)
+            state.total_steps, state.epochs = self.world.broadcast(plan)
+        record = epoch_record(epoch=state.epoch, step=state.step, train_loss=train_loss, val=metrics,
+                              lr=self.optimizer.param_groups[-1]["lr"], images_per_second=images_per_second,
+                              elapsed=state.elapsed, nan_skips=state.nan_skips)
+        log_epoch(record, state.epochs, self.eval_name)
+        best = max(state.best_acc, metrics["accuracy"])
         if self.world.is_main:
-            append_metrics(self.run_dir, record)
-            if self.tensorboard is not None:
-                for name, value in record.items():
-                    self.tensorboard.add_scalar(name, value, self.epoch)
-                self.tensorboard.flush()
-            meta = {**self.meta, "epoch": self.epoch, f"{self.eval_name}_acc": metrics["accuracy"]}
-            ckpt.save_model(self.run_dir, "last", model, meta)
-            if metrics["accuracy"] > self.best_acc:
-                self.best_acc = metrics["accuracy"]
-                ckpt.save_model(self.run_dir, "model", model, meta)
-        self.best_acc = max(self.best_acc, metrics["accuracy"])
+            write_epoch(self.run_dir, record, self.tensorboard)
+            meta = {**self.built.meta, "epoch": state.epoch, f"{self.eval_name}_acc": metrics["accuracy"]}
+            best = save_models(self.run_dir, model, meta, metrics["accuracy"], state.best_acc)
+        state.best_acc = best
         self.save_state()
         if self.on_epoch is not None:
             self.on_epoch(record)
@@ -410,29 +341,48 @@ class Trainer:
         return compute_metrics(logits, split.labels)
 
     def finish(self) -> Run | None:
+        """Score the test split once (best model), then draw the report from those very numbers."""
         if not self.world.is_main:
             return None  # rank 0 scores the test split and reports; this machine may lack the run dir
         run = Run(self.run_dir)
         if not self.evaluate_test:
             return run
-        result = run.evaluate(split="test", device=str(self.device), dataset=self.data)
+        result, logits = run.evaluate(split="test", device=str(self.device), dataset=self.data, return_logits=True)
         score = f"mAP {100 * result['mAP']:.2f}%" if "mAP" in result else f"accuracy {100 * result['accuracy']:.2f}%"
         log(f"test {score} ({result['num_images']:,} images, "
-            f"best epoch by {self.eval_name}_acc), training {self.elapsed:.1f}s; run directory {self.run_dir}")
+            f"best epoch by {self.eval_name}_acc), training {self.state.elapsed:.1f}s; run directory {self.run_dir}")
         if self.cfg.run.report:
             try:
                 from visionrecipe.evaluate.report import write_report
-            except ImportError:
+            except ImportError:  # matplotlib is an extra
                 pass
             else:
-                write_report(self.run_dir, dataset=self.data)
+                write_report(self.run_dir, dataset=self.data, scored=(result, logits))
         return run
 
+    # --- state.pt ----------------------------------------------------------------------------
     def save_state(self) -> None:
-        save_state(self)
+        """state.pt for an exact resume (every process calls it; rank 0 writes)."""
+        write_state(self.run_dir / "state.pt", self.state, self.world,
+                    weights=learned_state(self.model, self.optimizer, self.ema), data=self.data_fingerprint)
 
-    def load_state(self, state: dict) -> None:
-        load_state(self, state)
+    def restore(self, saved: dict) -> None:
+        """Continue from state.pt (read in setup). The data order needs no state: it is a function
+        of (seed, epoch), and `position` says how many global batches of the epoch are done."""
+        source = str(self.run_dir / "state.pt")
+        check_data(self.run_dir, saved, self.data_fingerprint)  # first: other data makes another model too
+        load_learned_state(saved, self.model, self.optimizer, self.ema, source)
+        self.state = state = TrainState.from_saved(saved, self.world, self.device)
+        restore_rng(saved, self.world, self.device)
+        if self.world.is_main:
+            # metrics.jsonl may hold epochs written after this state was saved (or a torn line): drop them.
+            truncate_metrics(self.run_dir, state.epoch)
+            if self.changed:
+                path = self.run_dir / "config.yaml"
+                save_config(load_config(path, self.changed), path)
+        changes = "".join(f", {k} now {v}" for k, v in self.changed.items())
+        log(f"resuming {self.run_dir} at epoch {state.epoch + 1}, step {state.step}/{state.total_steps}"
+            f" ({state.position}/{self.steps_per_epoch} of the epoch){changes}")
 
     def install_signal_handlers(self):
         def handler(signum, frame):
@@ -449,3 +399,21 @@ class Trainer:
 def restore_signal_handlers(handlers) -> None:
     for sig, old in handlers.items():
         signal.signal(sig, old)
+
+
+def warn_skipped(skipped: list) -> None:
+    """One warning naming the first few images the decoder could not read (--strict makes them errors)."""
+    if skipped:
+        names = ", ".join(path for path, _ in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warn(f"warning: skipped {len(skipped)} unreadable image(s): {names}{more}")
+
+
+def nan_injection_steps() -> set[int]:
+    """Test hook: VISIONRECIPE_INJECT_NAN_AT_STEP=12 (or 12,15) makes the loss of those steps
+    (1-based) NaN, so the NaN handling can be tested on a healthy run. Read once, here."""
+    value = os.environ.get("VISIONRECIPE_INJECT_NAN_AT_STEP", "")
+    try:
+        return {int(part) for part in value.split(",") if part.strip()}
+    except ValueError:
+        raise VisionRecipeError(f"VISIONRECIPE_INJECT_NAN_AT_STEP={value!r}: expected step numbers, e.g. 12,15") from None

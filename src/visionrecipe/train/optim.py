@@ -11,7 +11,8 @@ import copy
 import torch
 
 from visionrecipe.models import checkpoint as ckpt
-from visionrecipe.config import LR_PER_1024, Config
+from visionrecipe.config import Config
+from visionrecipe.recipes import lr_per_1024
 
 
 def small_data_batch(batch_size: int, n_train: int, processes: int = 1) -> int:
@@ -25,7 +26,7 @@ def small_data_batch(batch_size: int, n_train: int, processes: int = 1) -> int:
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, head_path: str, batch_size: int) -> torch.optim.Optimizer:
     """Param groups: backbone (lr × backbone_lr_mult) and head; no weight decay on biases and norms."""
-    lr = cfg.optim.lr * (batch_size / 1024 if LR_PER_1024[cfg.optim.recipe] else 1.0)
+    lr = cfg.optim.lr * (batch_size / 1024 if lr_per_1024(cfg) else 1.0)
     head_prefix = head_path + "."
     norm_biases = {id(m.bias) for m in model.modules()
                    if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.bias is not None}

@@ -1,7 +1,9 @@
 """Exact resume: what may change on `--resume`, and the state.pt that makes it bit for bit.
 
     run_dir, cfg, changed = plan_resume("runs/x", {"progress": False})
-    save_state(trainer); load_state(trainer, ckpt.read_resume_file(path))
+    write_state(run_dir / "state.pt", state, world, weights=learned_state(model, optimizer, ema), data=fingerprint)
+    saved = read_state(run_dir / "state.pt")                # a damaged file is a one-line error
+    load_learned_state(saved, model, optimizer, ema, source); state = TrainState.from_saved(saved, world, device)
 
 The data order needs no saved state (a function of seed and epoch) and augmentation is seeded by
 the step; everything else that moves (weights, optimizer moments, EMA, the epoch's partial loss,
@@ -14,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from visionrecipe.models import checkpoint as ckpt
-from visionrecipe.config import Config, apply_overrides, save_config
+from visionrecipe.config import Config, apply_overrides
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.rundir import truncate_metrics
-from visionrecipe.system import log, warn
+from visionrecipe.models import checkpoint as ckpt
+from visionrecipe.system import warn
 
 
 # Settings a resume may change: how the run is watched and where it runs, plus the two remedies
@@ -53,14 +55,97 @@ def plan_resume(run_dir: str | Path, settings: dict) -> tuple[Path, Config, dict
                 f"cannot change {name} on resume (the run was planned with {planned.get(name)!r}); "
                 "start a new run, or use --weights to fine-tune from it")
         changed[name] = value
-    apply_overrides(cfg, changed)
-    cfg.run.out = str(run_dir)  # the run may have been moved since it started
-    return run_dir, cfg, changed
+    # The run may have been moved since it started: out is where it is now.
+    return run_dir, apply_overrides(cfg, {**changed, "out": str(run_dir)}), changed
+
+
+@dataclass
+class TrainState:
+    """Where a run is, besides its weights, optimizer moments and RNG: saved and loaded whole."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs done
+    position: int = 0  # global batches of the current epoch done
+    total_steps: int = 0  # the schedule's length; a time budget re-plans it
+    epochs: int = 0  # epochs planned: --epochs, or what fits in --time-budget (config.yaml keeps the bound)
+    best_acc: float = -1.0  # best validation score so far (mAP for multilabel)
+    elapsed: float = 0.0  # training seconds, summed across resumes
+    nan_skips: int = 0
+    loss_sum: torch.Tensor | None = None  # this epoch's loss × images so far, this process, on the device
+    seen: int = 0  # this epoch's images with a finite loss so far, this process
+
+    def counters(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("loss_sum", "seen")}
+
+    @classmethod
+    def from_saved(cls, saved: dict, world, device: torch.device) -> "TrainState":
+        """The state of state.pt. The epoch's partial loss goes to rank 0 alone: summed over the
+        processes at the epoch's end, it then counts once."""
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name not in ("loss_sum", "seen")})
+        state.loss_sum = saved["loss_sum"].to(device) if world.is_main else torch.zeros((), device=device)
+        state.seen = saved["seen"] if world.is_main else 0
+        return state
 
 
 # Every key a resume reads; a state.pt without one is refused with a one-line error.
-STATE_KEYS = ("model", "optimizer", "ema", "step", "epoch", "position", "total_steps", "epochs", "best_acc",
-              "elapsed", "nan_skips", "loss_sum", "seen", "world_size", "rng")
+STATE_KEYS = ("model", "optimizer", "ema", *(f.name for f in fields(TrainState)), "world_size", "rng")
+
+
+def read_state(path: Path) -> dict:
+    """state.pt as a dict (weights_only): a damaged or incomplete file is a one-line error."""
+    return ckpt.read_resume_file(path, STATE_KEYS)
+
+
+def learned_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> dict:
+    """The state_dicts of what training learns: the weights, the optimizer's moments, the EMA."""
+    return {"model": ckpt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.model.state_dict() if ema is not None else None}
+
+
+def write_state(path: Path, state: TrainState, world, *, weights: dict, data: dict) -> None:
+    """state.pt: all a resume needs to continue bit for bit, mid-epoch included. Every process
+    calls this (the epoch's partial loss and each process's RNG are gathered); rank 0 writes.
+    `weights` is learned_state(...), `data` the data_fingerprint."""
+    device = state.loss_sum.device
+    partial = world.sum(torch.stack([state.loss_sum, torch.tensor(float(state.seen), device=device)]))
+    rng = world.gather(rng_state(device))
+    if not world.is_main:
+        return
+    saved = {**weights, **state.counters(), "loss_sum": partial[0].cpu(),
+             "seen": int(partial[1]), "world_size": world.size, "rng": rng, "data": data}
+    ckpt.write_resume_file(path, saved)
+
+
+def load_learned_state(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema,
+                       source: str) -> None:
+    """Load state.pt's weights, optimizer moments and EMA; a mismatch with the config is one line."""
+    ckpt.load_into(model, saved["model"], source)
+    if (saved["ema"] is None) != (ema is None):
+        raise VisionRecipeError(f"{source} does not match the run's config.yaml (ema)")
+    if ema is not None:
+        ckpt.load_into(ema.model, saved["ema"], source)
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise VisionRecipeError(f"{source} does not match the optimizer of config.yaml ({exc})") from None
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's global RNG (dropout draws from it; augmentation has its own generator)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(saved: dict, world, device: torch.device) -> None:
+    """Each process takes back its own RNG; with more processes than saved, the new ones keep theirs."""
+    if world.rank < len(saved["rng"]):
+        mine = saved["rng"][world.rank]
+        torch.set_rng_state(mine["torch"])
+        if mine["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], device)
+    if saved["world_size"] != world.size:
+        warn(f"note: resuming a {saved['world_size']}-process run with {world.size}: same batches "
+             "and data order, but dropout draws differ from an uninterrupted run")
 
 
 def data_fingerprint(data, mean: list[float], std: list[float]) -> dict:
@@ -100,77 +185,33 @@ def data_changes(saved: dict, now: dict) -> list[str]:
     return []
 
 
-def check_data(trainer, state: dict) -> None:
+def data_changes(saved: dict, now: dict) -> list[str]:
+    """How `now` differs from `saved` (data_fingerprint dicts), in words; empty when it does not."""
+    if saved["classes"] != now["classes"]:
+        added = [c for c in now["classes"] if c not in saved["classes"]]
+        removed = [c for c in saved["classes"] if c not in now["classes"]]
+        if added or removed:
+            return [f"classes added: {added or 'none'}, removed: {removed or 'none'}"]
+        return ["the classes are in another order"]
+    counts = [f"{name} images {saved['images'].get(name, 0)} → {now['images'].get(name, 0)}"
+              for name in ("train", "val", "test") if saved["images"].get(name, 0) != now["images"].get(name, 0)]
+    if counts:
+        return counts
+    if saved["files"] != now["files"]:
+        return ["other images, or images in other splits or classes"]
+    stats = saved["mean"] + saved["std"], now["mean"] + now["std"]
+    if len(stats[0]) != len(stats[1]) or not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(*stats)):
+        return ["the pixels of the training images (their mean/std)"]
+    return []
+
+
+def check_data(run_dir: Path, saved: dict, fingerprint: dict) -> None:
     """Refuse to resume on data that changed since state.pt was written (a one-line error)."""
-    if "data" not in state:  # written before fingerprints existed
-        warn(f"note: {trainer.run_dir / 'state.pt'} holds no data fingerprint; resuming without checking the data")
+    if "data" not in saved:  # written before fingerprints existed
+        warn(f"note: {run_dir / 'state.pt'} holds no data fingerprint; resuming without checking the data")
         return
-    changes = data_changes(state["data"], trainer.data_fingerprint)
+    changes = data_changes(saved["data"], fingerprint)
     if changes:
         raise VisionRecipeError(
-            f"cannot resume {trainer.run_dir}: its data changed since the run started ({'; '.join(changes)}); "
+            f"cannot resume {run_dir}: its data changed since the run started ({'; '.join(changes)}); "
             "restore the data, or start a new run")
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's global RNG (dropout draws from it; augmentation has its own generator)."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def save_state(trainer) -> None:
-    """state.pt: all a resume needs to continue bit for bit, mid-epoch included. Every process
-    calls this (the epoch's partial loss and each process's RNG are gathered); rank 0 writes."""
-    partial = trainer.world.sum(torch.stack([trainer.loss_sum, torch.tensor(float(trainer.seen), device=trainer.device)]))
-    rng = trainer.world.gather(rng_state(trainer.device))
-    if not trainer.world.is_main:
-        return
-    state = {
-        "model": ckpt.unwrap(trainer.model).state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "ema": trainer.ema.model.state_dict() if trainer.ema else None,
-        "step": trainer.step, "epoch": trainer.epoch, "position": trainer.position, "total_steps": trainer.total_steps,
-        "epochs": trainer.cfg.optim.epochs, "best_acc": trainer.best_acc, "elapsed": trainer.elapsed,
-        "nan_skips": trainer.nan_skips, "loss_sum": partial[0].cpu(), "seen": int(partial[1]),
-        "world_size": trainer.world.size, "rng": rng, "data": trainer.data_fingerprint,
-    }
-    ckpt.write_resume_file(trainer.run_dir / "state.pt", state)
-
-def load_state(trainer, state: dict) -> None:
-    """Continue from `state` (read in setup). The data order needs no state: it is a function
-    of (seed, epoch), and `position` says how many global batches of the epoch are done."""
-    check_data(trainer, state)  # first: other data also makes a model of another shape
-    source = str(trainer.run_dir / "state.pt")
-    ckpt.load_into(trainer.model, state["model"], source)
-    if (state["ema"] is None) != (trainer.ema is None):
-        raise VisionRecipeError(f"{source} does not match the run's config.yaml (ema)")
-    if trainer.ema is not None:
-        ckpt.load_into(trainer.ema.model, state["ema"], source)
-    try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as exc:
-        raise VisionRecipeError(f"{source} does not match the optimizer of config.yaml ({exc})") from None
-    for key in ("step", "epoch", "position", "total_steps", "best_acc", "elapsed", "nan_skips"):
-        setattr(trainer, key, state[key])
-    trainer.cfg.optim.epochs = state["epochs"]  # a --time-budget run re-plans its epochs
-    # The partial sum goes to rank 0 alone: summed over processes at the epoch's end it counts once.
-    if trainer.world.is_main:
-        trainer.loss_sum = state["loss_sum"].to(trainer.device)
-        trainer.seen = state["seen"]
-    if trainer.world.rank < len(state["rng"]):
-        mine = state["rng"][trainer.world.rank]
-        torch.set_rng_state(mine["torch"])
-        if mine["cuda"] is not None and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], trainer.device)
-    if state["world_size"] != trainer.world.size:
-        warn(f"note: resuming a {state['world_size']}-process run with {trainer.world.size}: same batches "
-             "and data order, but dropout draws differ from an uninterrupted run")
-    if trainer.world.is_main:
-        # metrics.jsonl may hold epochs written after this state was saved (or a torn line): drop them.
-        truncate_metrics(trainer.run_dir, trainer.epoch)
-        if trainer.changed:
-            from visionrecipe.config import load_config
-
-            save_config(load_config(trainer.run_dir / "config.yaml", trainer.changed), trainer.run_dir / "config.yaml")
-    changes = "".join(f", {k} now {v}" for k, v in trainer.changed.items())
-    log(f"resuming {trainer.run_dir} at epoch {trainer.epoch + 1}, step {trainer.step}/{trainer.total_steps}"
-        f" ({trainer.position}/{trainer.steps_per_epoch} of the epoch){changes}")

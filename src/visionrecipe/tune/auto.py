@@ -166,12 +166,10 @@ def data_doctor(cfg: Config, out: Path) -> dict:
     """The doctor's data checks alone, written as doctor.json in the doctor's format."""
     from dataclasses import asdict
 
-    from visionrecipe.data import load_dataset
     from visionrecipe.doctor.data_checks import data_checks
+    from visionrecipe.train.build import load_data
 
-    data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
-                        val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, strict=cfg.data.strict,
-                        workers=cfg.data.workers, allow_outside_paths=cfg.data.allow_outside_paths)
+    data = load_data(cfg)
     checks = [asdict(c) for c in data_checks(data)]
     report = {"data": cfg.data.data, "model": "data checks only", "passed": all(c["verdict"] != "fail" for c in checks),
               "checks": checks}

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from visionrecipe.rundir import atomic_write_text
-from visionrecipe.config import Config, TuneOptions, apply_overrides, load_config, resolve_recipe
+from visionrecipe.config import Config, TuneOptions, apply_overrides, load_config
+from visionrecipe.recipes import resolve_recipe
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.system import physical_cores
 from visionrecipe.tune.report import TuneResult, best_trial, finished, format_value, score, summarize
@@ -177,12 +178,9 @@ def image_size(cfg: Config) -> int:
     """The training image size (loads the data once; the decoded tensors are cached for the trials)."""
     if cfg.data.image_size:
         return cfg.data.image_size
-    from visionrecipe.data import load_dataset
+    from visionrecipe.train.build import load_data
 
-    data = load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, val_fraction=cfg.data.val_fraction,
-                        seed=cfg.run.seed, strict=cfg.data.strict, workers=cfg.data.workers,
-                        allow_outside_paths=cfg.data.allow_outside_paths)
-    return int(data.train.images.shape[-1])
+    return int(load_data(cfg).train.images.shape[-1])
 
 
 # --- workers -------------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""The recipes as data: the values a run takes for every setting the user left unset.
+
+    cfg = resolve_recipe(Config.from_dict({"data": "digits"}))   # fast: fastnet, SGD-Nesterov, ...
+    RECIPES["standard"].lr, RECIPES["fast"].lr_per_1024          # 0.001, True
+    resolve_device_defaults(cfg, "cpu").model.width              # 0.5: fastnet is halved on a CPU
+    resolve_crop_padding(cfg, image_size=8)                      # the recipe's 32-px padding, scaled
+
+"fast" follows the CIFAR-10 speed-record line of work (airbench): SGD-Nesterov with a lr per 1024
+examples, label smoothing, EMA, alternating flips, translate by 2 px, patch whitening and mirror
+TTA. "standard" is a plain, robust default for any registry model. Each function returns a new
+Config; the one it is given is left as it was. The settings that depend on the data and the
+device a run landed on are resolved in train/build.py, once, before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from visionrecipe.config import FIELDS, Config, apply_overrides
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every field is the value of the setting of the same name (see config.py for units)."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    # Peak learning rate: per 1024 examples when lr_per_1024 (scaled by batch_size / 1024 in
+    # build_optimizer, as airbench states its hyperparameters), per batch otherwise.
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    bias_lr_mult: float
+    label_smoothing: float
+    schedule: str
+    warmup_epochs: float | None
+    ema: bool
+    alternate_flip: bool
+    whiten: bool
+    tta: bool
+    model: str | None = None  # None: seedcnn (the recipe is for whichever --model is given)
+    # Not settings: how the recipe reads its lr, and its translate padding at 32×32 pixels, scaled
+    # to the image size (4 px would wipe out an 8×8 digit).
+    lr_per_1024: bool = False
+    crop_padding_at_32: int = 4
+
+    def settings(self) -> dict:
+        """The values this recipe gives to settings (the fields named like a config field)."""
+        return {k: v for k, v in asdict(self).items() if k in FIELDS}
+
+
+RECIPES: dict[str, Recipe] = {
+    # airbench states lr 11.5 per 1024 examples on a summed loss with momentum 0.85, i.e.
+    # 11.5 / (1 + 1/0.15) = 1.5 on the mean loss at batch 1024; its decoupled weight decay 0.0153
+    # becomes 0.0153 / 11.5 here.
+    "fast": Recipe(model="fastnet", epochs=10, batch_size=512, optimizer="sgd", lr=1.5, momentum=0.85, nesterov=True,
+                   weight_decay=1.33e-3, bias_lr_mult=64.0, label_smoothing=0.2, schedule="triangle",
+                   warmup_epochs=None, ema=True, alternate_flip=True, whiten=True, tta=True,
+                   lr_per_1024=True, crop_padding_at_32=2),
+    "standard": Recipe(epochs=10, batch_size=64, optimizer="adamw", lr=1e-3, momentum=0.9, nesterov=False,
+                       weight_decay=0.05, bias_lr_mult=1.0, label_smoothing=0.1, schedule="cosine",
+                       warmup_epochs=0.5, ema=False, alternate_flip=False, whiten=False, tta=False),
+}
+assert all(f.name in FIELDS for f in fields(Recipe) if f.name not in ("lr_per_1024", "crop_padding_at_32"))
+
+# On a CPU the fast recipe halves fastnet's width (a quarter of the FLOPs): measured on 2 cores,
+# 4× the epochs in the same minutes buys more accuracy than the wider net (BENCHMARKS.md).
+CPU_FASTNET_WIDTH = 0.5
+
+
+def copy_config(cfg: Config, **settings) -> Config:
+    """A new Config: `cfg` with `settings` (flat names) changed; `cfg` itself is untouched."""
+    return apply_overrides(Config.from_dict(cfg.to_dict()), settings)
+
+
+def resolve_recipe(cfg: Config) -> Config:
+    """Fill every None field from the recipe; returns a new Config, the input is unchanged."""
+    cfg = copy_config(cfg)
+    if cfg.optim.recipe is None:
+        cfg.optim.recipe = "fast" if cfg.model.model in (None, "fastnet") else "standard"
+    for name, value in RECIPES[cfg.optim.recipe].settings().items():
+        section, _ = FIELDS[name]
+        if getattr(getattr(cfg, section), name) is None:
+            setattr(getattr(cfg, section), name, value)
+    if cfg.model.model is None:
+        cfg.model.model = "seedcnn" if cfg.optim.recipe == "standard" else "fastnet"
+    if cfg.optim.flip is None:
+        cfg.optim.flip = cfg.data.data != "digits"
+    if not cfg.optim.flip:
+        cfg.optim.alternate_flip = cfg.optim.tta = False
+    if cfg.optim.warmup_epochs is None:
+        cfg.optim.warmup_epochs = 0.0
+    if cfg.optim.whiten and not cfg.model.model == "fastnet":
+        cfg.optim.whiten = False
+    if cfg.model.weights:
+        cfg.optim.whiten = False  # the loaded whitening layer is what the loaded blocks expect
+    if cfg.model.unfreeze_after is not None:
+        cfg.model.freeze_backbone = True  # "unfreeze after N epochs" implies frozen until then
+    return cfg
+
+
+def resolve_device_defaults(cfg: Config, device_type: str) -> Config:
+    """Recipe values that depend on the device the run landed on; returns a new Config."""
+    if (cfg.optim.recipe == "fast" and cfg.model.model == "fastnet" and cfg.model.width is None
+            and not cfg.model.weights and device_type == "cpu"):
+        return copy_config(cfg, width=CPU_FASTNET_WIDTH)
+    return cfg
+
+
+def resolve_crop_padding(cfg: Config, image_size: int) -> int:
+    """--crop-padding, or the recipe's padding at 32×32 scaled to the image size (at least 1 px)."""
+    if cfg.optim.crop_padding is not None:
+        return cfg.optim.crop_padding
+    return max(1, round(RECIPES[cfg.optim.recipe].crop_padding_at_32 * image_size / 32))
+
+
+def lr_per_1024(cfg: Config) -> bool:
+    """Whether --lr is per 1024 examples (the fast recipe) rather than per batch."""
+    return RECIPES[cfg.optim.recipe].lr_per_1024
