@@ -208,7 +208,8 @@ def check_batch_independence(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
 
 # --- 7. learning-rate range test ------------------------------------------------------------------
 def lr_range(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, steps: int = 100,
-             span: tuple[float, float] = LR_RANGE, loss_fn: Callable = F.cross_entropy) -> tuple[list[float], list[float]]:
+             span: tuple[float, float] = LR_RANGE,
+             loss_fn: Callable = F.cross_entropy) -> tuple[list[float], list[float]]:
     """Multiply the optimizer's learning rates by a factor growing exponentially over `steps`;
     returns (factors, losses), stopping early once the loss diverges. `loss_fn` is the run's
     training loss (build_run's, label smoothing included)."""

@@ -54,8 +54,8 @@ def epoch_record(*, epoch: int, step: int, train_loss: float, val: dict, lr: flo
 
 def log_epoch(record: dict, epochs: int, eval_name: str) -> None:
     """The epoch's line on stderr; `eval_name` is the split validated on (test when --val-fraction 0)."""
-    log(f"Epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  {eval_name}_loss {record['val_loss']:.4f}  "
-        f"{eval_name}_acc {100 * record['val_acc']:.2f}%  lr {record['lr']:.1e}  {record['img_per_s']:,.0f} img/s")
+    log(f"Epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
+        f"{eval_name}_loss {record['val_loss']:.4f}  {eval_name}_acc {100 * record['val_acc']:.2f}%  lr {record['lr']:.1e}  {record['img_per_s']:,.0f} img/s")
 
 
 def write_epoch(run_dir: Path, record: dict, tensorboard=None) -> None:

@@ -40,7 +40,8 @@ from visionrecipe.system import local_rank, log, select_device, set_threads, shu
 from visionrecipe.train.augment import SEED_STRIDE, epoch_order
 from visionrecipe.train.budget import BUDGET_PROBE_STEPS, eval_fraction, plan_budget, replan_budget
 from visionrecipe.train.build import build_run, load_data, resolve
-from visionrecipe.train.callbacks import epoch_record, log_epoch, open_tensorboard, progress_bar, save_models, write_epoch
+from visionrecipe.train.callbacks import (epoch_record, log_epoch, open_tensorboard, progress_bar, save_models,
+                                          write_epoch)
 from visionrecipe.train.finetune import backbone_freezer
 from visionrecipe.train.optim import EMA, build_optimizer
 from visionrecipe.train.schedule import lr_factor
@@ -416,4 +417,5 @@ def nan_injection_steps() -> set[int]:
     try:
         return {int(part) for part in value.split(",") if part.strip()}
     except ValueError:
-        raise VisionRecipeError(f"VISIONRECIPE_INJECT_NAN_AT_STEP={value!r}: expected step numbers, e.g. 12,15") from None
+        raise VisionRecipeError(f"VISIONRECIPE_INJECT_NAN_AT_STEP={value!r}: expected step numbers, "
+                                "e.g. 12,15") from None
