@@ -185,26 +185,6 @@ def data_changes(saved: dict, now: dict) -> list[str]:
     return []
 
 
-def data_changes(saved: dict, now: dict) -> list[str]:
-    """How `now` differs from `saved` (data_fingerprint dicts), in words; empty when it does not."""
-    if saved["classes"] != now["classes"]:
-        added = [c for c in now["classes"] if c not in saved["classes"]]
-        removed = [c for c in saved["classes"] if c not in now["classes"]]
-        if added or removed:
-            return [f"classes added: {added or 'none'}, removed: {removed or 'none'}"]
-        return ["the classes are in another order"]
-    counts = [f"{name} images {saved['images'].get(name, 0)} → {now['images'].get(name, 0)}"
-              for name in ("train", "val", "test") if saved["images"].get(name, 0) != now["images"].get(name, 0)]
-    if counts:
-        return counts
-    if saved["files"] != now["files"]:
-        return ["other images, or images in other splits or classes"]
-    stats = saved["mean"] + saved["std"], now["mean"] + now["std"]
-    if len(stats[0]) != len(stats[1]) or not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(*stats)):
-        return ["the pixels of the training images (their mean/std)"]
-    return []
-
-
 def check_data(run_dir: Path, saved: dict, fingerprint: dict) -> None:
     """Refuse to resume on data that changed since state.pt was written (a one-line error)."""
     if "data" not in saved:  # written before fingerprints existed
