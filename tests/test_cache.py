@@ -20,7 +20,7 @@ from visionrecipe.data import cache, decode, load_dataset, read_image
 from visionrecipe.errors import VisionRecipeError
 
 
-def write_png(path: Path, seed: int, size=(8, 6)) -> None:
+def write_png(path: Path, seed: int, size=(8, 8)) -> None:  # square: stored as it is
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
@@ -171,8 +171,8 @@ def test_plan_that_cannot_fit_is_a_one_line_error(tmp_path, decodes, monkeypatch
         load(root, tmp_path / "cache", image_size=64)
     assert "\n" not in str(info.value) and not decodes  # refused before decoding anything
     monkeypatch.setattr(cache, "MIN_FREE", 0)
-    monkeypatch.setattr(cache, "free_bytes", lambda path: 10 * 3 * 8 * 6 - 1)  # no size: from the PNG header
-    with pytest.raises(VisionRecipeError, match=r"10 images of 8x6 need"):
+    monkeypatch.setattr(cache, "free_bytes", lambda path: 10 * 3 * 8 * 8 - 1)  # no size: from the PNG headers
+    with pytest.raises(VisionRecipeError, match=r"10 images of 8x8 need"):
         load(root, tmp_path / "cache")
 
 
@@ -200,14 +200,14 @@ def test_opening_a_cache_maps_the_records(tmp_path):
     assert_same(load(root, data_dir), fresh_decode(root, tmp_path))
 
 
-def test_new_image_of_another_size_without_image_size_is_one_line_error(tmp_path):
+def test_new_image_of_another_size_is_stored_at_the_folder_size(tmp_path):
     root, data_dir = tmp_path / "d", tmp_path / "cache"
     make_folder(root, per_class=3)
-    load(root, data_dir)
+    first = load(root, data_dir)
     write_png(root / "b" / "big.png", seed=1, size=(9, 9))
-    with pytest.raises(VisionRecipeError, match="differ in size.*--image-size") as info:
-        load(root, data_dir)
-    assert "\n" not in str(info.value)
+    data = load(root, data_dir)  # the sampled headers still agree: the folder's size stays
+    assert data.train.images.shape[1:] == first.train.images.shape[1:]
+    assert len(data.train) + len(data.test) == len(first.train) + len(first.test) + 1
 
 
 CONCURRENT_LOADER = """

@@ -55,9 +55,13 @@ def make_classes(base: Path, per_class: int = 6, seed: int = 0, classes=CLASSES,
 
 
 def reference(folder: Path) -> tuple[list[str], torch.Tensor, torch.Tensor, list[str]]:
-    """torchvision's view of a folder: classes, labels, pixels (PIL → RGB → tensor), paths."""
+    """torchvision's view of a folder: classes, labels, pixels (PIL → RGB → CenterCrop of the
+    shorter side → tensor: the square a folder of one size is stored as), paths."""
+    from torchvision.transforms.functional import center_crop
+
     ref = ImageFolder(str(folder))
-    pixels = [np.asarray(ref.loader(p)).transpose(2, 0, 1) for p, _ in ref.samples]
+    square = [center_crop(image, min(image.size)) for image in (ref.loader(p) for p, _ in ref.samples)]
+    pixels = [np.asarray(image).transpose(2, 0, 1) for image in square]
     images = torch.from_numpy(np.stack(pixels))
     labels = torch.tensor([label for _, label in ref.samples])
     return ref.classes, labels, images, [os.path.realpath(p) for p, _ in ref.samples]
@@ -91,7 +95,7 @@ def test_folder_agrees_with_imagefolder(tmp_path):
         assert [os.path.realpath(p) for p in split.paths] == paths
         assert split.images.dtype == torch.uint8 and split.images.is_contiguous()
         assert split.labels.dtype == torch.int64
-    assert data.train.images.shape[1:] == (3, 10, 12)
+    assert data.train.images.shape[1:] == (3, 10, 10)  # 12×10 files: the centre 10×10
     assert (data.val, data.val_source, data.skipped, data.from_cache) == (None, "none", [], False)
 
 
@@ -133,7 +137,8 @@ def test_image_size_and_mixed_sizes(tmp_path):
     write_image(tmp_path / "d" / "a" / "2.png", size=(20, 16))
     write_image(tmp_path / "d" / "b" / "1.png", size=(12, 10))
     write_image(tmp_path / "d" / "b" / "2.png", size=(12, 10))
-    assert_one_line_error("--image-size", load, tmp_path / "d", tmp_path)
+    chosen = load(tmp_path / "d", tmp_path, val_fraction=0)  # no --image-size: the median shorter side
+    assert chosen.train.images.shape[1:] == (3, 10, 10)
     data = load(tmp_path / "d", tmp_path, image_size=7, val_fraction=0)
     assert data.train.images.shape[1:] == data.test.images.shape[1:] == (3, 7, 7)
     for row, path in zip(data.train.images, data.train.paths):
@@ -166,13 +171,13 @@ def test_cache_round_trip_and_invalidation(tmp_path):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.paths == b.paths
 
     changed = Path(first.test.paths[0])
-    before = read_image(changed, image_size=None)
+    before = read_image(changed, image_size=10)  # 12×10 files are stored as their centre 10×10
     write_image(changed, "RGB", seed=12345)  # same size and name, new pixels
     stat = changed.stat()
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     third = load(tmp_path / "d", tmp_path)
     assert not third.from_cache
-    assert torch.equal(third.test.images[0], read_image(changed, image_size=None))
+    assert torch.equal(third.test.images[0], read_image(changed, image_size=10))
     assert not torch.equal(third.test.images[0], before)
 
     manifests = list((tmp_path / "cache" / "records").glob("*/manifest.json"))

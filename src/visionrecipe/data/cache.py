@@ -10,7 +10,7 @@ Usage::
     loaded.kept     # bool mask over relpaths; loaded.skipped: [(path, reason)] of the others
     loaded.decoded  # how many files this call decoded (0: all served from the cache)
 
-One cache per (source, image_size, Pillow version, format version) lives in
+One cache per (source, storage size, Pillow version, format version) lives in
 ``<data_dir>/records/<key>/`` (layout in records.py). It is not keyed by the file list: each
 file's (size, mtime_ns) is checked against the manifest, and only files that are new or
 changed are decoded and appended; removed files are dropped from the manifest, and when more
@@ -67,7 +67,16 @@ def free_bytes(path: Path) -> int:
 
 def load_records(root: Path, relpaths: list[str], stats: list[tuple[int, int]], *, source: str, data_dir: Path,
                  image_size: int | None, progress: bool, workers: int | None, desc: str) -> Loaded:
-    """Serve relpaths (with their (size, mtime_ns)) from the cache, decoding only what it lacks."""
+    """Serve relpaths (with their (size, mtime_ns)) from the cache, decoding only what it lacks.
+
+    With no image_size, the storage size comes from the files' headers (decode.choose_image_size:
+    their own size when all are the same square, else the median shorter side, said in one line)."""
+    if image_size is None:
+        image_size, note = decode.choose_image_size([os.path.join(root, rel) for rel in relpaths])
+        if note:
+            from visionrecipe.system import warn
+
+            warn(f"{source}: {note}")
     store = RecordStore(data_dir / "records" / cache_key(source, image_size))
     with store.locked():
         state = store.open(source=source, image_size=image_size)

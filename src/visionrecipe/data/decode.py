@@ -8,10 +8,11 @@ Usage::
     images, kept, skipped = decode_files(paths, image_size=None, workers=None, progress=True)
     for rows, block, failed in iter_decoded(paths, image_size=32, workers=None, progress=True): ...
     images = resize_images(images, 64)                      # uint8 N×C×64×64 via the same PIL resize
+    size, note = choose_image_size(paths)                   # the storage size of a mixed folder
 
 Every image goes through ``data/pil.py``'s ``decode_pil`` (training, ``predict``, the ONNX path
 and the server alike): EXIF orientation applied, every mode turned into RGB (or L for one
-channel), then a square bilinear resize with PIL's built-in antialiasing.
+channel), then the shorter side resized and the centre square kept (never squashed).
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from visionrecipe.data.pil import decode_pil, read_image_array, unreadable_reason
+from visionrecipe.data.pil import decode_pil, image_shape, read_image_array, unreadable_reason
 from visionrecipe.errors import VisionRecipeError
 
 CHUNK_FILES = 500  # files per worker task: big enough to amortise IPC, small for the bar
 MIN_FILES_FOR_POOL = 1000  # below this, starting workers costs more than it saves
 MAX_WARNINGS = 10  # name at most this many skipped files, then summarise
+SIZE_PROBES = 512  # headers read (evenly spaced over the files) to choose a mixed folder's size
+# A mixed folder with no --image-size is stored at its median shorter side, but at most this:
+# 160 px keeps a CPU run in minutes (photos of 4,000 px would otherwise be stored whole).
+MAX_CHOSEN_SIZE = 160
 
 
 class _Unreadable(Exception):
@@ -63,6 +68,35 @@ def read_image(path_or_bytes, *, image_size: int | None, channels: int = 3) -> t
     array = read_image_array(path_or_bytes, image_size=image_size, channels=channels)
     # A copy: PIL's buffer may be read-only, and torch wants tensors it may write to.
     return torch.from_numpy(np.array(array, order="C"))
+
+
+def choose_image_size(paths: list[str], limit: int = MAX_CHOSEN_SIZE) -> tuple[int | None, str | None]:
+    """(storage size, a one-line note or None) for files decoded without --image-size.
+
+        size, note = choose_image_size(paths)   # (32, None) for a folder of 32×32 images
+
+    Headers only (no decode), of up to SIZE_PROBES files evenly spaced: when all are the same
+    square, that size (nothing is resized); otherwise the median shorter side, at most `limit`,
+    and the note says so. Images the sample missed are resized to it like any other.
+    """
+    step = max(1, len(paths) // SIZE_PROBES)
+    shapes = []
+    for path in paths[::step][:SIZE_PROBES]:
+        try:
+            shapes.append(image_shape(path))
+        except Exception:  # unreadable files are the decoder's to report
+            continue
+    if not shapes:
+        return None, None
+    if len(set(shapes)) == 1 and shapes[0][0] == shapes[0][1]:
+        return shapes[0][0], None
+    shorter = sorted(min(shape) for shape in shapes)
+    size = max(1, min(limit, shorter[len(shorter) // 2]))
+    sides = sorted({side for shape in shapes for side in shape})
+    found = (f"images are {shapes[0][0]}x{shapes[0][1]}" if len(set(shapes)) == 1 else
+             f"images differ in size ({sides[0]} to {sides[-1]} px, median shorter side {shorter[len(shorter) // 2]})")
+    note = f"{found}: storing each at {size}x{size} (shorter side resized, centre crop); --image-size sets another"
+    return size, note
 
 
 def _decode_chunk(task: tuple[list[str], int | None]) -> tuple:
@@ -130,7 +164,9 @@ def iter_decoded(paths: list[str], *, image_size: int | None, workers: int | Non
         pool = multiprocessing.get_context().Pool(min(workers, len(tasks)))
     try:
         results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
-        with tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
+        # disable=None: a bar only on a terminal, never \r frames in a pipe or log file
+        with tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr,
+                  disable=None if progress else True) as bar:
             for task_index, result in enumerate(results):
                 start, count = task_index * chunk, len(tasks[task_index][0])
                 if result[0] == "mismatch":

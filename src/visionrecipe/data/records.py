@@ -45,7 +45,8 @@ import PIL
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.rundir import append_jsonl, atomic_write_text, read_jsonl, write_error
 
-FORMAT_VERSION = 2  # bump when the layout or the decoding changes meaning (1 was tensors/<key>.pt)
+FORMAT_VERSION = 3  # bump when the layout or the decoding changes meaning (1 was tensors/<key>.pt;
+# 2 squashed non-square images to the square, 3 resizes the shorter side and crops the centre)
 MANIFEST, JOURNAL, LOCK = "manifest.json", "journal.jsonl", "lock"
 COPY_BYTES = 64 * 2**20  # compaction copies about this much per step
 

@@ -8,7 +8,8 @@
     probs = model.probabilities(np.stack([image]))   # N×classes float32
 
 The ONNX file describes itself (see ``encode_metadata``): ``classes``, ``mean``, ``std``,
-``input_size`` ([C, H, W]) and ``tta`` are JSON text, ``architecture`` plain text. Its input
+``input_size`` ([C, H, W]), ``preprocess`` ({"resize": S, "crop": C}: the shorter side resized
+to S, the centre C×C kept) and ``tta`` are JSON text, ``architecture`` plain text. Its input
 is float32 N×C×H×W normalised as ``(pixels / 255 - mean) / std``; its output is logits, with
 the mirror average already inside the graph when ``tta`` is true.
 
@@ -27,9 +28,18 @@ import numpy as np
 from visionrecipe.data.pil import read_image_array
 from visionrecipe.errors import VisionRecipeError
 
-JSON_KEYS = ("classes", "mean", "std", "input_size", "tta", "threshold")
+JSON_KEYS = ("classes", "mean", "std", "input_size", "tta", "threshold", "preprocess")
 TEXT_KEYS = ("architecture", "task", "format", "preprocessing")
-PREPROCESSING = "float32 NCHW, x = (pixels / 255 - mean) / std, pixels resized to input_size (bilinear)"
+PREPROCESSING = ("float32 NCHW, x = (pixels / 255 - mean) / std, pixels: the shorter side resized to "
+                 "preprocess.resize, then the centre preprocess.crop square (bilinear)")
+
+
+def preprocess_of(meta: dict) -> dict:
+    """{"resize": S, "crop": C}, the one eval policy: model.json's, or for a model saved before it
+    was recorded, the square input size (a square image is decoded as it always was)."""
+    if isinstance(meta.get("preprocess"), dict):
+        return {"resize": int(meta["preprocess"]["resize"]), "crop": int(meta["preprocess"]["crop"])}
+    return {"resize": int(meta["input_size"][1]), "crop": int(meta["input_size"][1])}
 
 
 # ---------------------------------------------------------------- metadata
@@ -46,6 +56,7 @@ def describe_model(meta: dict) -> dict:
         "mean": [float(v) for v in meta["mean"]],
         "std": [float(v) for v in meta["std"]],
         "input_size": [int(v) for v in meta["input_size"]],
+        "preprocess": preprocess_of(meta),
         "tta": bool(meta.get("tta", False)),
         "preprocessing": PREPROCESSING,
     }
@@ -120,6 +131,13 @@ class ClassifierMeta:
     def name(self) -> str:
         return self.meta["architecture"]
 
+    def decode(self, source, formats=None) -> np.ndarray:
+        """A path or bytes to uint8 C×H×W with the model's eval policy (model.json's "preprocess"),
+        the very decode training stored its images with; `formats` limits the decoders (serve)."""
+        policy = preprocess_of(self.meta)
+        return read_image_array(source, image_size=policy["resize"], crop=policy["crop"],
+                                channels=self.input_size[0], formats=formats)
+
 
 class OnnxClassifier(ClassifierMeta):
     """An exported model and its metadata; the same interface as predict.TorchClassifier."""
@@ -145,10 +163,6 @@ class OnnxClassifier(ClassifierMeta):
             raise VisionRecipeError(f"{self.path} is not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         self.meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.input_name = self.session.get_inputs()[0].name
-
-    def decode(self, source) -> np.ndarray:
-        channels, size = self.input_size[0], self.input_size[1]
-        return read_image_array(source, image_size=size, channels=channels)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×C×H×W → float32 N×classes."""

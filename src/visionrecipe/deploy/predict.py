@@ -69,12 +69,6 @@ class TorchClassifier(ClassifierMeta):
         self.device = select_device(device)
         self.model.to(self.device)
 
-    def decode(self, source) -> np.ndarray:
-        from visionrecipe.data import read_image
-
-        channels, size = self.input_size[0], self.input_size[1]
-        return read_image(source, image_size=size, channels=channels).numpy()
-
     def logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 N×C×H×W → float32 N×classes (mirror-averaged when the run used TTA)."""
         import torch

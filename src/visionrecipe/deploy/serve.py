@@ -43,7 +43,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionrecipe.config import ServeSettings
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.data.pil import read_image_array
 from visionrecipe.deploy.predict import answers
 from visionrecipe.deploy.serve_checks import ACCEPTED_FORMATS, ClientGuard, UploadLimit, image_pixels, is_loopback
 
@@ -183,10 +182,9 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
         return named
 
     async def decode(name: str, data: bytes) -> np.ndarray:
-        """One upload to uint8 C×H×W on the shared decode pool, as classifier.decode would, but only
-        from ACCEPTED_FORMATS (tests/test_predict.py checks read_image_array against both runtimes)."""
-        channels, size = classifier.input_size[0], classifier.input_size[1]
-        work = partial(read_image_array, data, image_size=size, channels=channels, formats=ACCEPTED_FORMATS)
+        """One upload to uint8 C×H×W on the shared decode pool: classifier.decode (the model's eval
+        policy, as predict decodes), only from ACCEPTED_FORMATS."""
+        work = partial(classifier.decode, data, formats=ACCEPTED_FORMATS)
         try:
             return await asyncio.get_running_loop().run_in_executor(state["decoder"], work)
         except VisionRecipeError as exc:  # truncated or corrupt pixel data

@@ -132,6 +132,8 @@ def build_run(cfg: Config, data: Dataset, device: torch.device, resume_dir=None)
     meta = {
         "architecture": cfg.model.model, "model_options": cfg.model.options(), "head": cfg.model.head,
         "family": spec.family, "classes": list(data.classes), "input_size": list(train.images.shape[1:]),
+        # The eval policy (data/pil.py): training stored every image this way; predict, export and serve decode so.
+        "preprocess": {"resize": int(train.images.shape[2]), "crop": int(train.images.shape[2])},
         "mean": stats[0], "std": stats[1], "tta": bool(cfg.optim.tta), "task": cfg.model.task,
         "data": cfg.data.data, "threshold": cfg.model.threshold, **preprocessing,
     }
