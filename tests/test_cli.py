@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -156,3 +159,59 @@ def test_bad_values_of_any_command_are_one_line_errors(tmp_path):
     assert_one_line_error(run_cli("predict", "m.onnx", "a.png", "--topk", "x", cwd=tmp_path), "topk", "x")
     assert_one_line_error(run_cli("evaluate", "run", "--split", "dev", cwd=tmp_path), "split", "dev")
     assert_one_line_error(run_cli("tune", "--out", tmp_path / "t", "--workers", "2", cwd=tmp_path), "--workers")
+
+
+def test_version():
+    from visionrecipe import __version__
+
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"visionrecipe {__version__}"
+
+
+def test_piped_train_is_plain_lines_and_names_its_files(tmp_path):
+    """In a pipe: no progress-bar frames, one line per epoch, a skipped image is one `warning:` line;
+    the report's worst-mistakes gallery names each image's file; resuming the finished run says so."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    (tmp_path / "data" / "cat" / "broken.png").write_bytes(b"not an image")
+    run = tmp_path / "run"
+    done = run_cli("train", "--data", tmp_path / "data", "--data-dir", tmp_path / "cache", "--model", "seedcnn",
+                   "--epochs", "2", "--out", run, "--device", "cpu", "--val-fraction", "0.2")
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stdout + done.stderr
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("Epoch")]
+    assert len(epochs) == 2 and all(re.match(rf"Epoch {i}/2  loss \S+  val_loss", line) for i, line in enumerate(epochs, 1))
+    warnings = [line for line in done.stderr.splitlines() if line.strip()]
+    assert warnings == [f"warning: skipping unreadable image {tmp_path / 'data' / 'cat' / 'broken.png'}: "
+                        "not an image PIL can read"], done.stderr
+    page = (run / "report.html").read_text()
+    mistakes = json.loads(re.search(r'id="report-data">(.*?)</script>', page, re.S).group(1))["mistakes"]
+    assert mistakes and all(m["file"].startswith(str(tmp_path / "data")) and m["file"] in page for m in mistakes)
+    assert all(Path(m["file"]).parent.name == m["true"] for m in mistakes)  # the file is the image's own
+
+    again = run_cli("train", "--resume", run)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"{run} is already finished (2/2 epochs); nothing to resume"
+
+
+def test_models_lists_fast_with_the_real_parameter_counts(capsys):
+    import time
+
+    from visionrecipe.cli import main
+    from visionrecipe.models import count_parameters, create_model
+
+    main(["models", "seedcnn"])  # the imports, once, outside the timing
+    start = time.perf_counter()
+    assert main(["models"]) == 0
+    assert time.perf_counter() - start < 3.0  # it built every model (VGGs included): 12 s before
+    listing = capsys.readouterr().out
+    for name in ("seedcnn", "fastnet", "resnet18_cifar"):
+        count = count_parameters(create_model(name, 10, image_size=32))
+        assert re.search(rf"^{name}\s+\S+\s+{count:,}\s", listing, re.M), (name, count)

@@ -138,8 +138,9 @@ def test_bad_requests_are_one_line_errors(digits_run, tmp_path):
     assert done.returncode == 2 and done.stderr.strip() == "error: --quantize dynamic needs --format onnx"
     with pytest.raises(VisionRecipeError, match="expected a run directory"):
         export_model(tmp_path / "nothing")
-    with pytest.raises(VisionRecipeError, match="does not exist"):
-        export_model(digits_run, out=tmp_path / "no" / "such" / "dir.onnx")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(VisionRecipeError, match="is a file"):
+        export_model(digits_run, out=tmp_path / "a_file" / "model.onnx")
     with pytest.raises(VisionRecipeError, match="unknown export format"):
         export_model(digits_run, format="tflite")
     with pytest.raises(VisionRecipeError, match="unsupported ONNX opset 99"):
@@ -156,3 +157,9 @@ def test_write_failure_is_one_line_and_leaves_no_partial_file(digits_run, tmp_pa
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: could not write {run / 'model.onnx'}: File too large"]
     assert sorted(p.name for p in run.iterdir()) == before  # no model.onnx, no temporary file
+
+
+def test_out_in_a_new_folder_creates_it(digits_run, tmp_path):
+    done = run_cli("export", digits_run, "--out", tmp_path / "exports" / "v1" / "model.onnx")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "exports" / "v1" / "model.onnx").stat().st_size > 0

@@ -172,3 +172,36 @@ def test_multilabel_run_answers_labels_above_threshold_in_both_runtimes(digits_r
         assert sum(t["probability"] for t in a["top"]) > 1.01  # independent sigmoids, not a softmax
     strict = predict(onnx_path, [digit_files / "0*.png"], threshold=0.9)
     assert all(t["probability"] > 0.9 for row in strict for t in row["top"])
+
+
+def test_torchscript_export_predicts_as_the_run_directory(digits_run, digit_files, tmp_path):
+    from visionrecipe.deploy.export import export_model
+
+    scripted = export_model(digits_run, format="torchscript", out=tmp_path / "m.torchscript.pt")["path"]
+    from_run = predict(digits_run, [digit_files], topk=3, batch_size=8, device="cpu")
+    from_script = predict(scripted, [digit_files], topk=3, batch_size=8, device="cpu")
+    assert [r["path"] for r in from_run] == [r["path"] for r in from_script] and "error" in from_script[-1]
+    for a, b in zip(from_run[:-1], from_script[:-1]):
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert abs(a["top"][0]["probability"] - b["top"][0]["probability"]) < 1e-4
+    not_script = tmp_path / "other.pt"
+    not_script.write_bytes(b"not a torchscript file")
+    with pytest.raises(VisionRecipeError, match="not a readable TorchScript model"):
+        predict(not_script, [digit_files / "00_label0.png"])
+
+
+def test_predict_out_counts_predictions_and_errors_apart(onnx_model, digit_files, tmp_path):
+    done = run_cli("predict", onnx_model, digit_files, "--out", tmp_path / "preds.csv", "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == (f"wrote 30 predictions to {tmp_path / 'preds.csv'}; "
+                                   "1 image could not be read (the error is in its row)")
+
+
+def test_torchscript_metadata_round_trips_as_the_onnx_file(digits_run, onnx_model, tmp_path):
+    from visionrecipe.deploy.export import export_model
+    from visionrecipe.deploy.onnx_runtime import OnnxClassifier
+    from visionrecipe.deploy.predict import load_classifier
+
+    scripted = export_model(digits_run, format="torchscript", out=tmp_path / "m.pt")["path"]
+    model = load_classifier(scripted, device="cpu")
+    assert model.backend == "torchscript" and model.meta == OnnxClassifier(onnx_model).meta

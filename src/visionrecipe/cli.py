@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from dataclasses import MISSING, Field, dataclass, fields
 from typing import Callable
 
@@ -101,14 +102,16 @@ def cmd_predict(args) -> int:
     text = format_rows(rows, args.format)
     if args.out:
         atomic_write_text(args.out, text + "\n")
-        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+        errors = sum("error" in row for row in rows)
+        unread = f"; {errors} image{'s' if errors > 1 else ''} could not be read (the error is in its row)"
+        print(f"wrote {len(rows) - errors} predictions to {args.out}{unread if errors else ''}", file=sys.stderr)
     else:
         print(text)
     return 0
 
 
 def cmd_models(args) -> int:
-    from visionrecipe.models import count_parameters, create_model, format_layer_table, get_spec, layer_table, list_models
+    from visionrecipe.models import format_layer_table, get_spec, layer_table, list_models, parameter_count
 
     if args.name:
         spec = get_spec(args.name)
@@ -120,7 +123,7 @@ def cmd_models(args) -> int:
     for name in list_models():
         spec = get_spec(name)
         size = 32 if (spec.default_image_size or 32) <= 64 else 64
-        params = count_parameters(create_model(name, 10, image_size=size))
+        params = parameter_count(name, 10, image_size=size)
         print(f"{name:<16} {spec.family:<10} {params:>27,}  {spec.description}")
     print("timm:<name>      any timm model, when timm is installed (pip install 'visionrecipe[timm]')")
     return 0
@@ -399,7 +402,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="visionrecipe", description="Train, check, evaluate and deploy image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from visionrecipe import __version__
+
     for command in COMMANDS:
+    parser.add_argument("--version", action="version", version=f"visionrecipe {__version__}")
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         for entry in command.settings:
             add_arguments(p, entry, builds_run=DataConfig in command.settings)
@@ -415,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+    def one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+        # A library warning (an unreadable image skipped, ...) is one `warning: ...` line on stderr,
+        # said once under torchrun, without Python's source line.
+        if is_main_process():
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = one_line_warnings
         args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc relaunches the same command
         return args.func(args)
     except VisionRecipeError as exc:
@@ -431,5 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+    except BrokenPipeError:  # `visionrecipe predict ... | head`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 if __name__ == "__main__":
     sys.exit(main())

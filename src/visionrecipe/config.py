@@ -180,7 +180,8 @@ class EvaluateOptions:
 
 @dataclass
 class PredictOptions:
-    model: str = opt(REQUIRED, "run directory, or an exported .onnx file (runs on onnxruntime)", positional=True)
+    model: str = opt(REQUIRED, "run directory, an exported .onnx file (runs on onnxruntime) or a TorchScript "
+                               "export (.pt)", positional=True)
     inputs: list[str] = opt(REQUIRED, "image files, folders or globs", positional=True)
     topk: int = opt(5, "classes shown per image, most probable first")
     batch_size: int = opt(64, "images per forward pass")

@@ -154,12 +154,9 @@ def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, met
 
 
 def _run_torchscript(path: Path, x: np.ndarray) -> np.ndarray:
-    extra = {"meta.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        loaded = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    if not extra["meta.json"]:
-        raise VisionRecipeError(f"{path}: meta.json did not survive the TorchScript round trip")
+    from visionrecipe.deploy.predict import read_torchscript
+
+    loaded, _ = read_torchscript(path)  # the loader predict uses: the metadata must survive the round trip
     with torch.no_grad():
         return torch.cat([loaded(torch.from_numpy(x[i:i + BATCH])) for i in range(0, len(x), BATCH)]).numpy()
 
@@ -208,8 +205,12 @@ def export_model(run_dir, *, format: str = "onnx", out=None, opset: int = DEFAUL
     out = Path(out).expanduser() if out else default_output(run_dir, format, quantize)
     if out.is_dir():
         raise VisionRecipeError(f"output path {out} is a folder; name a file")
-    if not out.parent.is_dir():
-        raise VisionRecipeError(f"output folder {out.parent} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise VisionRecipeError(f"output folder {out.parent} is a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # --out exports/model.onnx creates exports/
+    except OSError as exc:
+        raise VisionRecipeError(f"cannot create output folder {out.parent}: {exc.strerror}") from None
     # Written into the run: not while another process writes there.
     inside = run_dir.is_dir() and out.parent.resolve() == run_dir.resolve()
     with locked(run_dir) if inside else contextlib.nullcontext():

@@ -2,16 +2,17 @@
 
     rows = predict("runs/digits", ["a.png", "photos/", "*.jpg"], topk=3)
     rows = predict("runs/digits/model.onnx", ["a.png"])        # onnxruntime; never imports torch
+    rows = predict("runs/digits/model.torchscript.pt", ["a.png"])   # a TorchScript export
     # [{"path": "a.png", "top": [{"class": "3", "probability": 0.97}, ...]}, {"path": ..., "error": "..."}]
     print(format_rows(rows, "csv"))                             # or "json", "text"
 
-    model = load_classifier("runs/digits")      # TorchClassifier, or OnnxClassifier for a .onnx
+    model = load_classifier("runs/digits")      # TorchClassifier; OnnxClassifier (.onnx), TorchScriptClassifier (.pt)
     model.probabilities(np.stack([model.decode("a.png")]))
 
 Inputs may be files, folders (searched recursively for images) or glob patterns. An unreadable
 file gets an "error" entry instead of predictions; it never stops the batch. Both model kinds
 share one interface (classes, input_size, name, decode, logits, probabilities), which the
-HTTP service (serve.py) uses too; torch is imported only for a run directory.
+HTTP service (serve.py) uses too; torch is imported only for a run directory or a TorchScript file.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import io
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.deploy.onnx_runtime import ClassifierMeta, OnnxClassifier, probabilities_from_logits
+from visionrecipe.deploy.onnx_runtime import ClassifierMeta, OnnxClassifier, normalize, probabilities_from_logits
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
 FORMATS = ("text", "json", "csv")
@@ -82,10 +84,65 @@ class TorchClassifier(ClassifierMeta):
         return probabilities_from_logits(self.logits(images), self.meta.get("task"))
 
 
+def read_torchscript(path: str | os.PathLike):
+    """(module, description) of a `visionrecipe export --format torchscript` file; the description
+    (classes, mean, std, input_size, ...) is the meta.json saved inside it."""
+    import torch
+
+    from visionrecipe.deploy.onnx_runtime import decode_metadata, encode_metadata
+
+    extra = {"meta.json": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ calls TorchScript deprecated
+            module = torch.jit.load(os.fspath(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError) as exc:
+        raise VisionRecipeError(f"{path} is not a readable TorchScript model "
+                                f"({(str(exc).strip().splitlines() or ['?'])[0][:200]})") from None
+    if not extra["meta.json"]:
+        raise VisionRecipeError(f"{path} has no visionrecipe metadata; export it with "
+                                "`visionrecipe export --format torchscript`")
+    try:
+        props = json.loads(extra["meta.json"])
+    except ValueError as exc:
+        raise VisionRecipeError(f"{path} has unreadable metadata ({exc})") from None
+    return module.eval(), decode_metadata(encode_metadata(props), os.fspath(path))  # the ONNX file's checks
+
+
+class TorchScriptClassifier(ClassifierMeta):
+    """A TorchScript export (TTA already inside the graph), fed as the ONNX file is."""
+
+    backend = "torchscript"
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
+        from visionrecipe.system import select_device
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise VisionRecipeError(f"model not found: {self.path}")
+        self.module, self.meta = read_torchscript(self.path)
+        self.device = select_device(device)
+        self.module.to(self.device)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(normalize(images, self.meta["mean"], self.meta["std"])).to(self.device)
+        with torch.no_grad():
+            return self.module(x).float().cpu().numpy()
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return probabilities_from_logits(self.logits(images), self.meta.get("task"))
+
+
 def load_classifier(model_path, device: str = "auto"):
-    """A `.onnx` file runs on onnxruntime; anything else is a run directory (or .safetensors) for PyTorch."""
-    if str(model_path).lower().endswith(".onnx"):
-        return OnnxClassifier(os.path.expanduser(str(model_path)))
+    """A `.onnx` file runs on onnxruntime, a `.pt` TorchScript export on torch.jit; anything else
+    is a run directory (or .safetensors) for PyTorch."""
+    path = os.path.expanduser(str(model_path))
+    if path.lower().endswith(".onnx"):
+        return OnnxClassifier(path)
+    if path.lower().endswith(".pt") and not os.path.isdir(path):
+        return TorchScriptClassifier(path, device=device)
     return TorchClassifier(model_path, device=device)
 
 
@@ -124,7 +181,7 @@ def predict(model_path, inputs, *, topk: int = 5, batch_size: int = 64, device: 
     if progress and len(files) > batch_size:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(files), unit="img", leave=False, file=sys.stderr)
+        bar = tqdm(total=len(files), unit="img", leave=False, file=sys.stderr, disable=None)  # a terminal only
     for start in range(0, len(files), batch_size):
         images, good = [], []
         for path in files[start:start + batch_size]:

@@ -47,7 +47,8 @@ def image_grid(images: list, ncols: int, *, titles: list[str] | None = None, col
                row_labels: list[str] | None = None, cell: float = 1.0):
     """A grid of uint8 C×H×W images (None leaves a cell blank), titled per image or labelled per row."""
     nrows = max(1, -(-len(images) // ncols))
-    fig = new_figure(ncols * cell + (0.6 if row_labels else 0), nrows * cell * (1.45 if titles else 1.0))
+    title_lines = max((title.count("\n") + 1 for title in titles), default=0) if titles else 0
+    fig = new_figure(ncols * cell + (0.6 if row_labels else 0), nrows * cell * (1 + 0.225 * title_lines))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
@@ -149,6 +150,28 @@ def worst_mistakes(logits: torch.Tensor, labels: torch.Tensor, k: int = MISTAKES
     return [(int(i), int(predicted[i]), float(confidence[i])) for i in order]
 
 
+def mistake_file(split, index: int) -> str | None:
+    """The file a test image came from (folder and manifest data), None for tensors (digits, CIFAR)."""
+    return split.paths[index] if split.paths else None
+
+
+def short_name(path: str, width: int = 18) -> str:
+    """A file name that fits under a gallery picture: its base name, the middle elided."""
+    name = Path(path).name
+    return name if len(name) <= width else name[:width // 2 - 1] + "…" + name[-(width // 2):]
+
+
+def _mistakes_table(mistakes: list[dict]) -> str:
+    """The gallery's images by file, in the gallery's order (the figure shows base names only)."""
+    if not mistakes:
+        return ""
+    rows = "".join(f'<tr><td class="text">{html.escape(m["file"] or "#" + str(m["index"]))}</td>'
+                   f'<td>{html.escape(m["true"])}</td><td>{html.escape(m["predicted"])}</td>'
+                   f'<td>{100 * m["confidence"]:.0f}%</td></tr>' for m in mistakes)
+    return ('<div class="scroll"><table><tr><th>file</th><th>true</th><th>predicted</th><th>confidence</th></tr>'
+            f"{rows}</table></div>")
+
+
 def write_report(run_dir: str | Path, dataset=None, scored: tuple[dict, torch.Tensor] | None = None) -> Path:
     """Write report.html with its PNGs from the run's test split. `scored` is the (result, logits)
     of evaluate_run(..., return_logits=True) when the caller has just scored it (the trainer, with
@@ -179,7 +202,8 @@ def _write_report(run_dir: Path, dataset, scored) -> Path:
         figures["reliability"] = plot_reliability(result["calibration"], result["ece"])
         mistakes = worst_mistakes(logits, labels)
         if mistakes:
-            titles = [f"true {classes[labels[i]]}\npred {classes[p]} {100 * c:.0f}%" for i, p, c in mistakes]
+            titles = [f"{short_name(mistake_file(dataset.test, i) or f'#{i}')}\ntrue {classes[labels[i]]}\n"
+                      f"pred {classes[p]} {100 * c:.0f}%" for i, p, c in mistakes]
             figures["mistakes"] = image_grid([dataset.test.images[i] for i, _, _ in mistakes], 6, titles=titles,
                                              colors=["#b91c1c"] * len(titles), cell=1.25)
     pngs = {name: save_figure(fig, run_dir / f"{name}.png") for name, fig in figures.items()}
@@ -193,8 +217,8 @@ def _write_report(run_dir: Path, dataset, scored) -> Path:
         "epochs": metrics[-1]["epoch"] if metrics else meta.get("epoch"),
         "train_seconds": metrics[-1].get("elapsed_s") if metrics else None,
         "best_epoch": meta.get("epoch"),
-        "mistakes": [{"index": i, "true": classes[labels[i]], "predicted": classes[p], "confidence": c}
-                     for i, p, c in mistakes],
+        "mistakes": [{"index": i, "file": mistake_file(dataset.test, i), "true": classes[labels[i]],
+                      "predicted": classes[p], "confidence": c} for i, p, c in mistakes],
         "doctor": json.loads(doctor_path.read_text()) if doctor_path.is_file() else None,
     }
     config_path = run_dir / "config.yaml"
@@ -346,7 +370,8 @@ def render(page: dict, pngs: dict[str, bytes], config_text: str) -> str:
                             f"this); below: overconfident. ECE {100 * r['ece']:.2f}% is the average gap.",
                             _img(pngs, "reliability", "reliability diagram"))
         mistakes = _card("Worst mistakes", "The most confident wrong test predictions: look for label noise, "
-                         "ambiguous images, or a class the model confuses.", _img(pngs, "mistakes", "worst mistakes"))
+                         "ambiguous images, or a class the model confuses.",
+                         _img(pngs, "mistakes", "worst mistakes") + _mistakes_table(page["mistakes"]))
         middle = f'<div class="row r2">{confusion}{per_class}</div><div class="row r2b">{calibration}{mistakes}</div>'
     splits = "".join(f"<tr><td>{e(name)}</td><td>{n:,}</td></tr>" for name, n in page["splits"].items())
     data = _card("Data", "", f"<dl><dt>data</dt><dd>{e(page['data'])}</dd><dt>classes</dt><dd>{len(r['classes'])}"

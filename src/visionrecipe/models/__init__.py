@@ -35,10 +35,11 @@ from visionrecipe.models.summary import (
     format_layer_table,
     layer_table,
     module_layer_table,
+    parameter_count,
 )
 
 # Imported for their @register_model (and timm's register_prefix) side effects.
-from visionrecipe.models import fastnet, seedcnn, timm_models  # noqa: F401
+from visionrecipe.models import fastnet, photonet, seedcnn, timm_models  # noqa: F401
 from visionrecipe.models.torchvision_models import pretrained_weights
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "list_models",
     "make_head",
     "module_layer_table",
+    "parameter_count",
     "parse_head",
     "pretrained_weights",
     "register_model",
