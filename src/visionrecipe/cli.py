@@ -161,7 +161,9 @@ def cmd_report(args) -> int:
     except ImportError:
         raise VisionRecipeError("reports need matplotlib: pip install 'visionrecipe[report]'") from None
 
-    print(f"wrote {write_report(args.run)}")
+    from visionrecipe.deploy.card import write_model_card
+
+    print(f"wrote {write_report(args.run)} and {write_model_card(args.run)}")
     return 0
 
 

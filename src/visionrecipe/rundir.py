@@ -50,7 +50,7 @@ MODEL_KEYS = ("architecture", "classes", "input_size", "mean", "std")  # what ev
 RUN_FILES = frozenset({
     MARKER, LOCK, CONFIG, METRICS, "model.safetensors", MODEL_META, "last.safetensors", "last.json",
     STATE, "eval.json", "report.html", "curves.png", "confusion.png", "reliability.png", "mistakes.png",
-    "doctor.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt",
+    "doctor.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt", "MODEL_CARD.md",
 })
 RUN_DIRS = frozenset({"tensorboard"})
 COMPANIONS = frozenset({"train.log"})  # tune's log of a trial, open while the trial trains: kept
