@@ -106,3 +106,98 @@ def test_training_evaluate_predict_and_onnx_see_the_same_pixels(mixed_run, tmp_p
             np.testing.assert_array_equal(torch_model.decode(path), image)
             np.testing.assert_array_equal(onnx.decode(path), image)
             np.testing.assert_array_equal(onnx.decode(Path(path).read_bytes(), formats=("PNG",)), image)
+
+
+# ---------------------------------------------------------------- 2. random-resized crops on the batch
+
+def test_random_boxes_stay_inside_and_follow_scale_and_ratio():
+    from visionrecipe.train.augment import random_boxes
+
+    g = torch.Generator().manual_seed(0)
+    boxes = random_boxes(4000, 48, 48, 0.35, 4 / 3, g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 48 + 1e-4).all() and (boxes[:, 3] <= 48 + 1e-4).all()
+    share = w * h / 48**2
+    assert share.min() >= 0.35 - 1e-4 and share.max() <= 1 + 1e-4 and share.std() > 0.1
+    assert (w / h).min() >= 3 / 4 - 1e-4 and (w / h).max() <= 4 / 3 + 1e-4
+    again = random_boxes(4000, 48, 48, 0.35, 4 / 3, torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, again)  # deterministic for a seed
+
+
+def test_resized_crops_cut_the_box_exactly_and_mirror_it():
+    from visionrecipe.train.augment import resized_crops
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    boxes = torch.tensor([[2.0, 3.0, 10.0, 11.0], [0.0, 0.0, 16.0, 16.0]])
+    out = resized_crops(x, boxes, flip=torch.tensor([False, True]), size=8)
+    torch.testing.assert_close(out[0], x[0, :, 3:11, 2:10])  # an 8-px box at 8 px: the pixels themselves
+    whole = resized_crops(x[1:], boxes[1:], size=16)
+    torch.testing.assert_close(whole[0], x[1])  # the whole image at its size: unchanged
+    torch.testing.assert_close(resized_crops(x[1:], boxes[1:], flip=torch.tensor([True]), size=16)[0], x[1].flip(2))
+
+
+def test_batch_augment_crops_keep_labels_shape_and_use_one_grid_sample(monkeypatch):
+    import visionrecipe.train.augment as augment
+
+    n, size = 64, 72
+    labels = torch.arange(n) % 4
+    colours = torch.tensor([[250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0]], dtype=torch.uint8)
+    images = colours[labels][:, :, None, None].expand(n, 3, size, size).contiguous()
+    calls = []
+    real = augment.F.grid_sample
+    monkeypatch.setattr(augment.F, "grid_sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = augment.BatchAugment([0.5] * 3, [0.25] * 3, crop_scale=0.35, flip=True, n_train=n)
+    index = torch.arange(n)
+    x = batch(images, index, 0, torch.Generator().manual_seed(1))
+    assert x.shape == (n, 3, size, size) and len(calls) == 1  # the whole batch in one call
+    # Every output is still its own image (its label's colour): crops never mix images up.
+    expected = batch.normalise(images)
+    torch.testing.assert_close(x.mean((2, 3)), expected.mean((2, 3)), atol=1e-4, rtol=0)
+    again = batch(images, index, 0, torch.Generator().manual_seed(1))
+    assert torch.equal(x, again)
+    # A textured batch: the crops differ from image to image and from the uncropped images.
+    textured = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
+    out = batch(textured, torch.arange(8), 0, torch.Generator().manual_seed(2))
+    assert not torch.allclose(out, batch.normalise(textured))
+
+
+def test_small_images_keep_translate_and_flip(monkeypatch):
+    from visionrecipe.config import Config
+    from visionrecipe.recipes import resolve_crop_padding, resolve_recipe
+
+    small = resolve_recipe(Config.from_dict({"data": "cifar10"}), image_size=32)
+    assert small.model.model == "fastnet" and small.optim.crop_scale == 0 and resolve_crop_padding(small, 32) == 2
+    photos = resolve_recipe(Config.from_dict({"data": "x"}), image_size=64)
+    assert photos.model.model == "photonet" and photos.optim.crop_scale == 0.35
+    assert resolve_crop_padding(photos, 64) == 0
+    chosen = resolve_recipe(Config.from_dict({"data": "x", "model": "seedcnn", "crop_scale": 0.5}), image_size=128)
+    assert chosen.model.model == "seedcnn" and chosen.optim.crop_scale == 0.5
+
+
+# ---------------------------------------------------------------- 3. the network for photos
+
+def test_photonet_downsamples_early_and_takes_width_and_depth():
+    from visionrecipe.models import create_model
+
+    model = create_model("photonet", num_classes=5, image_size=128)
+    assert model.stem(torch.zeros(1, 3, 128, 128)).shape[2:] == (32, 32)  # stride 4 before the stages
+    assert model(torch.zeros(2, 3, 128, 128)).shape == (2, 5)
+    wide = create_model("photonet", num_classes=5, width=2.0, depth=2)
+    assert wide.head.in_features == 512 and len(wide.stages[0]) == 2
+    model.train()
+    x = torch.randn(4, 3, 64, 64)
+    # Zero-initialised last BatchNorm: every block starts as the identity on its shortcut.
+    block = model.stages[0][0]
+    features = model.stem(x)
+    torch.testing.assert_close(block(features), torch.relu(features))
+
+
+# ---------------------------------------------------------------- 4. a mixed folder, no flags
+
+def test_mixed_folder_trains_and_predicts_with_no_size_flags(mixed_run):
+    folder, out, _, stderr = mixed_run
+    assert "storing each at" in stderr and "Traceback" not in stderr
+    result = run_cli("predict", out, folder / "cat", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 8 and all("top" in row for row in rows)

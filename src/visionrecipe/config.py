@@ -96,6 +96,11 @@ class OptimConfig:
     ema: bool | None = opt(None, "keep an exponential moving average of the weights and evaluate with it")
     ema_decay: float = opt(0.99, "EMA decay per step", minimum=0.0)
     crop_padding: int | None = opt(None, "random-translate padding in pixels, 0 = off (default: the recipe's, scaled to the image size)", minimum=0)
+    crop_scale: float | None = opt(None, "random-resized crops: the smallest share of an image's area a crop keeps "
+                                         "(the largest is all of it); 0 = off (default: 0.35 for images of 64 px and "
+                                         "more, off below, where --crop-padding translates)", minimum=0.0)
+    crop_ratio: float = opt(4 / 3, "random-resized crops: the widest aspect ratio drawn (the narrowest is its "
+                                   "inverse)", minimum=1.0)
     flip: bool | None = opt(None, "random horizontal flip (default on, except for digits, which a mirror changes)")
     alternate_flip: bool | None = opt(None, "flip each image on alternate epochs instead of at random")
     whiten: bool | None = opt(None, "initialise fastnet's first layer from data (patch whitening) and freeze it")

@@ -65,6 +65,29 @@ RECIPES: dict[str, Recipe] = {
 }
 assert all(f.name in FIELDS for f in fields(Recipe) if f.name not in ("lr_per_1024", "crop_padding_at_32"))
 
+@dataclass(frozen=True)
+class SizeRule:
+    """What the default recipe does from an image size up (the first rule whose min_size the data's
+    size reaches wins): the model when --model is not given, and the crops when --crop-scale is not."""
+
+    min_size: int  # the stored image's side, in pixels
+    model: str
+    crop_scale: float  # random-resized crops' smallest area share; 0: translate by crop_padding instead
+
+
+# Photos (64 px and up) need an early-downsampling net and random-resized crops; fastnet's three
+# pooling stages and 2-px translations suit CIFAR's 32 px (BENCHMARKS.md: images/s of both).
+SIZE_RULES = (
+    SizeRule(min_size=64, model="photonet", crop_scale=0.35),
+    SizeRule(min_size=0, model="fastnet", crop_scale=0.0),
+)
+
+
+def size_rule(image_size: int | None) -> SizeRule:
+    """The rule for images of `image_size` px (None: not known yet, the small-image rule)."""
+    return next(rule for rule in SIZE_RULES if (image_size or 0) >= rule.min_size)
+
+
 # On a CPU the fast recipe halves fastnet's width (a quarter of the FLOPs): measured on 2 cores,
 # 4× the epochs in the same minutes buys more accuracy than the wider net (BENCHMARKS.md).
 CPU_FASTNET_WIDTH = 0.5
@@ -75,11 +98,17 @@ def copy_config(cfg: Config, **settings) -> Config:
     return apply_overrides(Config.from_dict(cfg.to_dict()), settings)
 
 
-def resolve_recipe(cfg: Config) -> Config:
-    """Fill every None field from the recipe; returns a new Config, the input is unchanged."""
+def resolve_recipe(cfg: Config, image_size: int | None = None) -> Config:
+    """Fill every None field from the recipe; returns a new Config, the input is unchanged.
+    `image_size` (the data's, once known) picks the fast recipe's model and crops (SIZE_RULES)."""
     cfg = copy_config(cfg)
     if cfg.optim.recipe is None:
         cfg.optim.recipe = "fast" if cfg.model.model in (None, "fastnet") else "standard"
+    rule = size_rule(image_size)
+    if cfg.optim.recipe == "fast" and cfg.model.model is None:
+        cfg.model.model = rule.model
+    if cfg.optim.crop_scale is None:
+        cfg.optim.crop_scale = rule.crop_scale
     for name, value in RECIPES[cfg.optim.recipe].settings().items():
         section, _ = FIELDS[name]
         if getattr(getattr(cfg, section), name) is None:
@@ -110,9 +139,12 @@ def resolve_device_defaults(cfg: Config, device_type: str) -> Config:
 
 
 def resolve_crop_padding(cfg: Config, image_size: int) -> int:
-    """--crop-padding, or the recipe's padding at 32×32 scaled to the image size (at least 1 px)."""
+    """--crop-padding, or the recipe's padding at 32×32 scaled to the image size (at least 1 px);
+    0 under random-resized crops, which move the image already."""
     if cfg.optim.crop_padding is not None:
         return cfg.optim.crop_padding
+    if cfg.optim.crop_scale:
+        return 0
     return max(1, round(RECIPES[cfg.optim.recipe].crop_padding_at_32 * image_size / 32))
 
 

@@ -1,6 +1,7 @@
 """Batched augmentation on the training device: whole batches at once, no per-sample Python.
 
     batch = BatchAugment(mean, std, crop_padding=2, flip=True, alternate_flip=True, n_train=N, seed=0)
+    photos = BatchAugment(mean, std, crop_scale=0.35, crop_ratio=4 / 3, flip=True)   # random-resized crops
     x = batch(images_uint8[idx], idx, epoch, generator)     # float, normalised, augmented
     x = batch.normalise(images_uint8)                       # evaluation: normalise only
     order = epoch_order(n, seed, epoch, device)             # the shuffled order of an epoch
@@ -8,9 +9,16 @@
 Alternating flip (from the CIFAR-10 speed records): each image gets a random flip in epoch 0 and
 the opposite of it in every odd epoch, so two consecutive epochs see both views exactly once
 instead of at random.
+
+Random-resized crops (photos, 64 px and up; the 32-px path keeps translate-and-flip): each image
+gets its own box (area a share in [crop_scale, 1] of the image, aspect ratio in [1/crop_ratio,
+crop_ratio], as torchvision's RandomResizedCrop draws them) and the whole batch is resampled to
+its size in one `grid_sample` call, the flip folded into the same affine map.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +39,47 @@ def random_translate(x: torch.Tensor, padding: int, generator: torch.Generator) 
     return padded[batch, channel, rows, cols]
 
 
+def random_boxes(n: int, height: int, width: int, scale: float, ratio: float, generator: torch.Generator,
+                 device: torch.device | str = "cpu", tries: int = 10) -> torch.Tensor:
+    """n boxes (x0, y0, x1, y1) in pixels, inside the height×width image: torchvision's
+    RandomResizedCrop draw (area share uniform in [scale, 1], log aspect uniform in
+    [-log ratio, log ratio]; `tries` draws per image, the first that fits wins, else the whole
+    image), all images at once."""
+    area = height * width
+    shares = torch.empty(n, tries, device=device).uniform_(scale, 1.0, generator=generator)
+    log_ratio = math.log(ratio)
+    aspects = torch.exp(torch.empty(n, tries, device=device).uniform_(-log_ratio, log_ratio, generator=generator))
+    w = torch.sqrt(shares * area * aspects)
+    h = torch.sqrt(shares * area / aspects)
+    fits = (w <= width) & (h <= height)
+    first = fits.float().argmax(1, keepdim=True)  # the first draw that fits (0 when none does)
+    any_fit = fits.any(1)
+    w = torch.where(any_fit, w.gather(1, first)[:, 0], torch.full_like(w[:, 0], width))
+    h = torch.where(any_fit, h.gather(1, first)[:, 0], torch.full_like(h[:, 0], height))
+    x0 = torch.rand(n, device=device, generator=generator) * (width - w)
+    y0 = torch.rand(n, device=device, generator=generator) * (height - h)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor | None = None,
+                  size: int | None = None) -> torch.Tensor:
+    """Each image's box resampled (bilinear) to size×size (default: the input's), mirrored where
+    `flip`; one affine_grid + one grid_sample for the whole batch, no loop over images."""
+    n, c, height, width = x.shape
+    size = size or height
+    # grid_sample's coordinates (align_corners=False): the image's outer pixel edges are ±1.
+    scale_x = (boxes[:, 2] - boxes[:, 0]) / width
+    scale_y = (boxes[:, 3] - boxes[:, 1]) / height
+    centre_x = (boxes[:, 0] + boxes[:, 2]) / width - 1
+    centre_y = (boxes[:, 1] + boxes[:, 3]) / height - 1
+    if flip is not None:
+        scale_x = torch.where(flip, -scale_x, scale_x)
+    zero = torch.zeros_like(scale_x)
+    theta = torch.stack([torch.stack([scale_x, zero, centre_x], 1), torch.stack([zero, scale_y, centre_y], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mirror the images where mask is True."""
     return torch.where(mask[:, None, None, None], x.flip(3), x)
@@ -39,11 +88,12 @@ def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class BatchAugment:
     def __init__(self, mean, std, *, crop_padding: int = 0, flip: bool = False,
                  alternate_flip: bool = False, n_train: int = 0, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", crop_scale: float = 0.0, crop_ratio: float = 4 / 3):
         c = len(mean)
         self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std, device=device).view(1, c, 1, 1) * 255)
         self.crop_padding = crop_padding
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio  # crop_scale 0: no random-resized crops
         self.flip = flip
         self.alternate_flip = alternate_flip
         # The epoch-0 flip of every training image, fixed by the seed so resume sees the same views.
@@ -61,6 +111,11 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int,
                  generator: torch.Generator) -> torch.Tensor:
         x = self.normalise(images)
+        if self.crop_scale > 0:
+            n, _, height, width = x.shape
+            boxes = random_boxes(n, height, width, self.crop_scale, self.crop_ratio, generator, x.device)
+            flip = self.flip_mask(index, epoch, generator) if self.flip else None
+            return random_translate(resized_crops(x, boxes, flip), self.crop_padding, generator)
         x = random_translate(x, self.crop_padding, generator)
         if self.flip:
             x = flip_where(x, self.flip_mask(index, epoch, generator))

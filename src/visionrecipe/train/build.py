@@ -43,7 +43,8 @@ def resolve(cfg: Config, device_type: str, data: Dataset | None = None, processe
     small dataset still gets enough steps per epoch (`processes` share each batch). A run's
     config.yaml is resolved already: resolving it again changes nothing.
     """
-    resolved = resolve_device_defaults(resolve_recipe(cfg), device_type)
+    image_size = int(data.train.images.shape[2]) if data is not None else None  # picks photonet and crops
+    resolved = resolve_device_defaults(resolve_recipe(cfg, image_size), device_type)
     spec = get_spec(resolved.model.model)  # an unknown model fails before any data is decoded
     settings = {}
     if resolved.model.weights and resolved.data.image_size is None:
@@ -140,7 +141,7 @@ def build_run(cfg: Config, data: Dataset, device: torch.device, resume_dir=None)
     images = train.images.to(device)
     augment = BatchAugment(meta["mean"], meta["std"], crop_padding=cfg.optim.crop_padding, flip=cfg.optim.flip,
                            alternate_flip=cfg.optim.alternate_flip, n_train=len(train.labels), seed=cfg.run.seed,
-                           device=device)
+                           device=device, crop_scale=cfg.optim.crop_scale, crop_ratio=cfg.optim.crop_ratio)
     built = BuiltRun(cfg, data, device, model, images, train.labels.to(device), stats, meta["mean"], meta["std"],
                      augment, task_loss(cfg), meta, spec.head_path)
     built.whiten(model)
