@@ -17,9 +17,10 @@ from visionrecipe.cli import main
 from visionrecipe.data import channel_stats, load_dataset
 from visionrecipe.doctor.checks import (check_batch_independence, check_batch_statistics, check_capacity,
                                         check_determinism, check_init_loss, check_input_dependence,
-                                        check_overfit_batch, suggest_lr)
+                                        check_lr_range, check_overfit_batch)
 from visionrecipe.doctor.data_checks import check_leakage, data_checks, find_copies
 from visionrecipe.models import create_model
+from visionrecipe.train.lr_find import suggest_lr
 
 from conftest import run_cli
 
@@ -127,7 +128,7 @@ def test_loss_at_init_is_ln_classes_and_big_logits_fail(digits):
     assert check_init_loss(Scaled(seedcnn(), 200.0), x, y, 10).verdict == "fail"
     keep = torch.cat([torch.nonzero(y == 0).reshape(-1), torch.nonzero(y != 0).reshape(-1)[:30]])
     imbalanced = check_init_loss(seedcnn(), x[keep], y[keep], 10)
-    assert "log(class prior)" in imbalanced.advice
+    assert "--class-weights auto" in imbalanced.advice and "--sampler balanced" in imbalanced.advice
     assert imbalanced.values["loss_with_log_prior_bias"] < imbalanced.values["loss"]
     # A small batch of balanced data is uneven by chance: the train split's counts decide.
     assert check_init_loss(seedcnn(), x[:24], y[:24], 10, torch.full((10,), 130)).advice == ""
@@ -189,9 +190,27 @@ def test_suggested_lr_is_the_steepest_descent_and_ignores_an_early_spike():
     # Flat, then falling fastest at lr 1e-2 (log -2), a minimum near 1e-1, then divergence.
     losses = 2.3 - 1.5 / (1 + np.exp(-(log_lr + 2) * 3)) + np.where(log_lr > -0.7, 20 * (log_lr + 0.7) ** 2, 0)
     losses[3] = 9.0  # an early spike
-    suggested, stop = suggest_lr(lrs, list(losses))
-    assert 2e-3 < suggested < 5e-2
-    assert stop < 100
+    found = suggest_lr(lrs, list(losses))
+    assert 2e-3 < found.lr < 5e-2 and found.falls
+    assert found.region[0] <= found.lr <= found.region[1] and found.stop < 100
+
+
+def test_suggested_lr_stays_off_the_noisy_start_and_the_cliff_edge():
+    """fastai's known failure: the steepest point of a noisy curve lies on the noisy start, or on
+    the plunge right before the divergence. The pick stays in the descending region, at least 10×
+    below the lr of the lowest loss."""
+    rng = np.random.default_rng(0)
+    lrs = list(np.logspace(-5, 1, 100))
+    log_lr = np.log10(lrs)
+    # Noisy and flat up to 1e-3, a gentle fall, a plunge just before the minimum at ~1, then divergence.
+    losses = 2.3 - 0.3 * np.clip(log_lr + 3, 0, None) - 1.0 / (1 + np.exp(-(log_lr + 0.3) * 25))
+    losses = losses + np.where(log_lr > 0.05, 40 * (log_lr - 0.05) ** 2, 0)
+    losses[:25] += rng.normal(0, 0.4, 25)  # noise at the start, larger than the gentle slope
+    found = suggest_lr(lrs, list(losses))
+    assert found.lr <= found.lr_at_minimum / 10 + 1e-12  # not on the cliff edge (the plunge is at ~0.5)
+    assert found.region[0] <= found.lr <= found.region[1] and found.region[0] > 1e-3  # not on the noisy start
+    check = check_lr_range(lrs, list(losses), configured=found.lr_at_minimum * 2, unit="per batch")
+    assert check.verdict == "warn" and f"--lr {found.lr:.2g}" in check.advice and "per batch" in check.figure
 
 
 # --- 8. capacity ----------------------------------------------------------------------------------
@@ -261,3 +280,26 @@ def test_doctor_builds_the_run_training_builds_on_small_data(tmp_path):
     smoothed = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2)  # the fast recipe's
     assert torch.equal(doctor.loss_fn(logits, y), smoothed) and torch.equal(trainer.built.loss_fn(logits, y), smoothed)
     assert settings.optim.batch_size is None and settings.model.width is None  # resolving copies, never mutates
+
+
+def test_every_flag_the_doctor_recommends_exists_on_train():
+    """The doctor's advice names flags (`--sampler balanced`, `--lr 0.02`): each must be a flag of
+    `train`, spelled exactly, read from the doctor's source so a new message is checked too."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import visionrecipe.doctor
+    from visionrecipe.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    train_flags = set(commands["train"]._option_string_actions)
+    named = {}
+    for path in Path(visionrecipe.doctor.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
+                    named.setdefault(flag, path.name)
+    assert {"--sampler", "--class-weights", "--lr", "--image-size", "--deterministic"} <= set(named)
+    missing = {flag: where for flag, where in named.items() if flag not in train_flags}
+    assert not missing, f"the doctor recommends flags train does not have: {missing}"

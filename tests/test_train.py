@@ -119,3 +119,39 @@ def test_ema_weights_used_for_evaluation(tmp_path):
     key = "fc1.weight" if "fc1.weight" in raw_state else next(k for k in raw_state if k.endswith("weight"))
     assert not torch.equal(ema_state[key], raw_state[key])
     assert torch.equal(saved.state_dict()[key], ema_state[key])
+
+
+def test_lr_auto_picks_inside_the_range_tests_descent_and_trains(tmp_path):
+    """`--lr auto` runs the doctor's range test on the run it built, records the numeric pick in
+    config.yaml (what ran), and the epoch line speaks --lr's unit."""
+    from visionrecipe.doctor.runner import prepare
+    from visionrecipe.train.lr_find import range_test
+
+    out, cache = tmp_path / "auto", tmp_path / "cache"
+    proc = run_cli("train", "--data", "digits", "--epochs", "1", "--lr", "auto", "--out", out, "--data-dir", cache,
+                   "--no-progress", "--no-report", "--threads", "1", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    chosen = load_config(out / "config.yaml").optim.lr
+    assert isinstance(chosen, float)
+    assert f"--lr auto: lr {chosen:.3g} per 1024 images" in proc.stdout
+    assert "(per 1024 images)" in next(line for line in proc.stdout.splitlines() if line.startswith("Epoch 1/1"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+    # The same range test, on the run the doctor builds from the same settings, picked it.
+    built = prepare(Config.from_dict({"data": "digits", "epochs": 1, "lr": "auto", "data_dir": str(cache),
+                                      "threads": 1}), device="cpu")
+    found = range_test(built).suggestion
+    assert chosen == pytest.approx(found.lr, rel=1e-9) and found.falls
+    assert found.region[0] <= chosen < found.region[1]  # inside the descent, below the loss minimum's lr
+
+
+# --------------------------------------------------------------------- training controls (issue 13)
+def test_patience_stops_early_and_keeps_the_best_epoch(tmp_path):
+    run = train(data="digits", model="seedcnn", epochs=30, patience=2, batch_size=32, out=str(tmp_path / "p"),
+                progress=False, report=False, data_dir=str(tmp_path / "cache"))
+    scores = [m["val_acc"] for m in run.metrics]
+    best_epoch = scores.index(max(scores)) + 1  # the first epoch with the best score: later ties do not improve
+    assert len(scores) < 30 and len(scores) - best_epoch == 2
+    assert run.metrics[-1]["stopped"] == f"no better val_acc for 2 epochs (best {max(scores):.4f} at epoch {best_epoch})"
+    assert not any("stopped" in m for m in run.metrics[:-1])
+    assert (run.meta["epoch"], run.meta["val_acc"]) == (best_epoch, max(scores))

@@ -84,8 +84,10 @@ def cmd_evaluate(args) -> int:
               f"macro {100 * result['f1_macro']:.2f}% at threshold {result['threshold']:g}  "
               f"loss {result['loss']:.4f}  ({result['num_images']:,} images)")
     else:
-        print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}%  top-5 {100 * result['top5_accuracy']:.2f}%  "
-              f"loss {result['loss']:.4f}  ({result['num_correct']:,}/{result['num_images']:,} images)")
+        print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}%  "
+              f"balanced accuracy {100 * result['balanced_accuracy']:.2f}%  macro-F1 {100 * result['f1_macro']:.2f}%  "
+              f"top-5 {100 * result['top5_accuracy']:.2f}%  loss {result['loss']:.4f}  "
+              f"({result['num_correct']:,}/{result['num_images']:,} images)")
     if args.per_class:
         print(f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
         for row in result["per_class"]:

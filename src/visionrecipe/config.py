@@ -33,15 +33,16 @@ REQUIRED: Any = dataclasses.MISSING  # opt(REQUIRED, ...): no default, so the fl
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
         positive: bool = False, cli: bool = True, positional: bool = False, flag: str | None = None,
-        metavar: str | None = None, shortcut: tuple[str, Any] | None = None) -> Any:
+        metavar: str | None = None, shortcut: tuple[str, Any] | None = None, words: tuple[str, ...] = ()) -> Any:
     """A dataclass field with the metadata the CLI and validation need.
 
     positional: an argument rather than a flag (a list takes one or more, a None default makes it
     optional); flag: the flag when it is not named after the field (`workers` keeps its YAML key);
-    shortcut: (flag, value), a second flag that sets this one to value (`--json` = `--format json`).
+    shortcut: (flag, value), a second flag that sets this one to value (`--json` = `--format json`);
+    words: values taken as they are besides the field's type (`--lr auto`).
     """
     meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "cli": cli,
-            "positional": positional, "flag": flag, "metavar": metavar, "shortcut": shortcut}
+            "positional": positional, "flag": flag, "metavar": metavar, "shortcut": shortcut, "words": words}
     return field(default=default, metadata=meta)
 
 
@@ -85,7 +86,10 @@ class OptimConfig:
     time_budget: float | None = opt(None, "seconds of training; the schedule is planned to end exactly there", positive=True)
     batch_size: int | None = opt(None, "images per step", positive=True)
     optimizer: str | None = opt(None, "optimizer", choices=("sgd", "adam", "adamw", "adagrad"))
-    lr: float | None = opt(None, "peak learning rate", positive=True)
+    # One unit wherever an lr is shown (help, epoch line, doctor): the recipe's, recipes.lr_unit.
+    lr: float | str | None = opt(None, "peak learning rate in the recipe's unit (fast: per 1024 images, standard: "
+                                       "per batch); auto: the LR range test's suggestion, run before training",
+                                 positive=True, words=("auto",))
     momentum: float | None = opt(None, "SGD momentum", minimum=0.0)
     bias_lr_mult: float | None = opt(None, "learning-rate multiplier for BatchNorm biases (airbench's bias scaler)", minimum=0.0)
     nesterov: bool | None = opt(None, "Nesterov momentum for SGD")
@@ -107,6 +111,10 @@ class OptimConfig:
     tta: bool | None = opt(None, "test-time augmentation: average logits over the image and its mirror")
     grad_clip: float | None = opt(None, "clip gradient norm to this value", positive=True)
     on_nan: str = opt("stop", "on a NaN/Inf loss: stop (keep last checkpoint) or skip the batch", choices=("stop", "skip"))
+    class_weights: str = opt("none", "weight the cross-entropy by inverse class frequency (auto) or not (none)",
+                             choices=("none", "auto"))
+    sampler: str = opt("shuffle", "each epoch's order: shuffle every image once, or balanced (each class drawn "
+                                  "equally often, small classes repeated)", choices=("shuffle", "balanced"))
 
 
 @dataclass
@@ -354,6 +362,8 @@ def check_value(f: dataclasses.Field, value: Any) -> Any:
         kind = str
     if value is None:
         return None
+    if isinstance(value, str) and value.lower() in f.metadata.get("words", ()):
+        return value.lower()
     try:
         if kind is bool:
             if isinstance(value, str):

@@ -151,3 +151,8 @@ def resolve_crop_padding(cfg: Config, image_size: int) -> int:
 def lr_per_1024(cfg: Config) -> bool:
     """Whether --lr is per 1024 examples (the fast recipe) rather than per batch."""
     return RECIPES[cfg.optim.recipe].lr_per_1024
+
+
+def lr_unit(cfg: Config) -> str:
+    """The unit of --lr, as every lr shown to the user is labelled: "per 1024 images" or "per batch"."""
+    return "per 1024 images" if lr_per_1024(cfg) else "per batch"

@@ -5,7 +5,7 @@
     check = check_input_dependence(make_model, x_train, y_train, x_val, y_val)
     check = check_overfit_batch(model, x_small, y_small)
     check = check_batch_independence(model, x, y)
-    lrs, losses = lr_range(model, optimizer, batches); suggested, stop = suggest_lr(lrs, losses)
+    check = check_lr_range(lrs, losses, configured=1.5, unit="per 1024 images")   # train/lr_find.py's test
     check = check_capacity(make_model, x, y)                # make_model(width) -> fresh model
     check = check_determinism(lambda: short_run_losses())
     check.verdict, check.figure, check.advice               # "pass" | "warn" | "fail" | "skip"
@@ -22,20 +22,20 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionrecipe.train.lr_find import smooth, suggest_lr
+
 # Short budgets: the whole doctor must take about a minute on two CPU cores for digits.
 FIT_LR = 1e-3  # Adam; "3e-4 is the best learning rate for Adam" is for long runs, short ones want more
 OVERFIT_STEPS = 200
 OVERFIT_LR = 3e-3  # fastnet's 1/9 logit scale needs big weights for a near-zero loss; 1e-3 takes >200 steps
 OVERFIT_LOSS = 0.05  # "near zero": a memorised batch of 20 gets here in well under 200 steps
-LR_RANGE = (1e-4, 1e2)  # multiples of the configured lr swept by the range test
-DIVERGED = 4.0  # the range test stops once the smoothed loss exceeds this multiple of its minimum
 
 
 @dataclass
@@ -125,7 +125,7 @@ def check_init_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_clas
         with_prior = float(F.cross_entropy(logits + log_prior, y))
         values["loss_with_log_prior_bias"] = with_prior
         figure += f"; with log-prior bias {with_prior:.3f}"
-        advice = "classes are imbalanced: initialise the output bias to log(class prior)"
+        advice = "classes are imbalanced: consider --class-weights auto or --sampler balanced"
     if 0.9 <= ratio <= 1.15:
         return Check("loss at init", "pass", figure, advice, values)
     verdict = "warn" if 0.75 <= ratio <= 1.5 else "fail"
@@ -207,77 +207,29 @@ def check_batch_independence(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
 
 
 # --- 7. learning-rate range test ------------------------------------------------------------------
-def lr_range(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, steps: int = 100,
-             span: tuple[float, float] = LR_RANGE,
-             loss_fn: Callable = F.cross_entropy) -> tuple[list[float], list[float]]:
-    """Multiply the optimizer's learning rates by a factor growing exponentially over `steps`;
-    returns (factors, losses), stopping early once the loss diverges. `loss_fn` is the run's
-    training loss (build_run's, label smoothing included)."""
-    model.train()
-    base = [group["lr"] for group in optimizer.param_groups]
-    factors, losses = [], []
-    for step, (x, y) in zip(range(steps), batches):
-        factor = span[0] * (span[1] / span[0]) ** (step / max(steps - 1, 1))
-        for group, lr in zip(optimizer.param_groups, base):
-            group["lr"] = lr * factor
-        loss = loss_fn(model(x).float(), y)
-        if not torch.isfinite(loss):
-            break
-        factors.append(factor)
-        losses.append(float(loss.detach()))
-        if step > 10 and losses[-1] > DIVERGED * min(losses):
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return factors, losses
-
-
-def smooth(losses: list[float], beta: float = 0.9) -> np.ndarray:
-    """A running median of 5 (one-step spikes vanish), then the bias-corrected exponential moving
-    average fastai's LR finder plots."""
-    values = np.asarray(losses, dtype=float)
-    medians = [float(np.median(values[max(0, i - 2):i + 3])) for i in range(len(values))]
-    out, average = [], 0.0
-    for i, loss in enumerate(medians):
-        average = beta * average + (1 - beta) * loss
-        out.append(average / (1 - beta ** (i + 1)))
-    return np.array(out)
-
-
-def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, int]:
-    """(suggested lr, index where the curve is cut): the steepest descent of the smoothed loss
-    against log(lr), looked for only before the minimum, so early spikes and the divergence at the
-    end cannot win."""
-    smoothed = smooth(losses)
-    diverged = np.nonzero(smoothed > DIVERGED * smoothed.min())[0]
-    stop = int(diverged[0]) if len(diverged) else len(smoothed)
-    lowest = int(np.argmin(smoothed[:stop]))
-    skip = max(1, lowest // 10)  # the first points carry the EMA's warm-up
-    if lowest - skip < 3:
-        return float(lrs[lowest]) / 10, stop
-    slope = np.gradient(smoothed[skip:lowest + 1], np.log(np.asarray(lrs[skip:lowest + 1])))
-    return float(lrs[skip + int(np.argmin(slope))]), stop
-
-
-def check_lr_range(lrs: list[float], losses: list[float], configured: float) -> Check:
-    """Verdict on a range test whose lrs are in the same units as `configured` (the --lr)."""
+def check_lr_range(lrs: list[float], losses: list[float], configured: float | str, unit: str) -> Check:
+    """Verdict on a range test whose lrs are in the unit of `configured` (the --lr, or "auto")."""
     if len(losses) < 10:
         return Check("learning-rate range", "fail", f"loss diverged after {len(losses)} steps",
                      "the loss is not finite even at tiny learning rates: check the data and the loss")
-    suggested, stop = suggest_lr(lrs, losses)
+    found = suggest_lr(lrs, losses)
     smoothed = smooth(losses)
-    lowest = int(np.argmin(smoothed[:stop]))
-    values = {"suggested_lr": suggested, "configured_lr": configured, "lr_at_min_loss": lrs[lowest],
+    lowest = int(np.argmin(smoothed[:found.stop]))
+    values = {"suggested_lr": found.lr, "configured_lr": configured, "lr_unit": unit,
+              "lr_at_min_loss": found.lr_at_minimum, "descending_region": list(found.region),
               "min_loss": float(smoothed[lowest]), "start_loss": float(smoothed[0])}
-    figure = f"suggested lr {suggested:.2g} (configured {configured:.2g}, loss lowest at {lrs[lowest]:.2g})"
-    if smoothed[lowest] > 0.97 * smoothed[0]:
+    shown = configured if configured == "auto" else f"{configured:.2g}"
+    figure = f"suggested lr {found.lr:.2g} {unit} (configured {shown}, loss lowest at {found.lr_at_minimum:.2g})"
+    if not found.falls:
         return Check("learning-rate range", "fail", figure, "the loss does not fall at any learning rate", values)
-    if configured > lrs[lowest]:
-        return Check("learning-rate range", "warn", figure, f"--lr is past the loss minimum: try {suggested:.2g}",
+    if configured == "auto":
+        return Check("learning-rate range", "pass", figure, "", values)
+    if configured > found.lr_at_minimum:
+        return Check("learning-rate range", "warn", figure,
+                     f"--lr is past the loss minimum: try --lr {found.lr:.2g} (or --lr auto)", values)
+    if configured < found.lr / 30:
+        return Check("learning-rate range", "warn", figure, f"--lr looks low: try --lr {found.lr:.2g} (or --lr auto)",
                      values)
-    if configured < suggested / 30:
-        return Check("learning-rate range", "warn", figure, f"--lr looks low: try {suggested:.2g}", values)
     return Check("learning-rate range", "pass", figure, "", values)
 
 

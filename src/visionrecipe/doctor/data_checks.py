@@ -93,8 +93,8 @@ def check_class_balance(labels: torch.Tensor, classes: list[str]) -> Check:
     if smallest < 2:
         return Check("class balance", "fail", figure, "a class has fewer than 2 training images", values)
     if ratio > 3:
-        return Check("class balance", "warn", figure, "imbalanced: watch per-class recall; consider a "
-                     "balanced sampler or the log-prior output bias", values)
+        return Check("class balance", "warn", figure, "imbalanced: watch per-class recall (evaluate's balanced "
+                     "accuracy); consider --sampler balanced or --class-weights auto", values)
     return Check("class balance", "pass", figure, "", values)
 
 

@@ -28,14 +28,15 @@ import torch
 from visionrecipe.config import Config
 from visionrecipe.doctor.checks import (Check, check_batch_independence, check_batch_statistics, check_capacity,
                                         check_determinism, check_init_loss, check_input_dependence, check_lr_range,
-                                        check_overfit_batch, lr_range, smooth, suggest_lr, timed)
+                                        check_overfit_batch, timed)
 from visionrecipe.doctor.data_checks import class_samples, data_checks
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.models import get_spec
 from visionrecipe.rundir import atomic_write_text
+from visionrecipe.recipes import copy_config, lr_per_1024, lr_unit
 from visionrecipe.system import select_device, set_threads
-from visionrecipe.train.augment import SEED_STRIDE, epoch_order
 from visionrecipe.train.build import BuiltRun, build_run, load_data, resolve
+from visionrecipe.train.lr_find import base_lr, range_test, smooth
 from visionrecipe.train.optim import build_optimizer
 
 # Budgets, sized so digits takes about a minute on two CPU cores.
@@ -43,8 +44,7 @@ TRAIN_SUBSET = 1024  # images for the short trainings (baseline, capacity)
 VAL_SUBSET = 500
 BASELINE_STEPS = 60  # Adam steps of 64 images, for each of the real and zeroed runs
 CAPACITY_STEPS = 60
-LR_RANGE_STEPS = 100
-LR_RANGE_BATCH = 64  # at most; the recipe's lr units (per 1024 images for fast) keep the suggestion valid
+LR_RANGE_BATCH = 64  # at most, when --lr is per 1024 images (fast): that unit carries the pick to the run's batch
 DETERMINISM_STEPS = 5
 SAMPLES_PER_CLASS = 8
 SMALL_IMAGE = 3 * 32 * 32  # values per image up to which the doctor runs on one CPU thread
@@ -72,21 +72,6 @@ def prepare(cfg: Config, device: str = "auto", progress: bool = False) -> BuiltR
 def has_width(run: BuiltRun) -> bool:
     """Whether the capacity check can widen the model (a registry --width, not fixed by --weights)."""
     return "width" in get_spec(run.cfg.model.model).options and not run.cfg.model.weights
-
-
-def recipe_batches(run: BuiltRun, batch_size: int):
-    """Endless training batches exactly as the trainer draws them: epoch order, then BatchAugment."""
-    seed, n = run.cfg.run.seed, len(run.labels)
-    generator = torch.Generator(device=run.device)
-    step, epoch = 0, 0
-    while True:
-        order = epoch_order(n, seed, epoch, run.device)
-        for position in range(max(1, n // batch_size)):
-            index = order[position * batch_size:(position + 1) * batch_size]
-            generator.manual_seed(seed * SEED_STRIDE + step)
-            yield run.augment(run.images[index], index, epoch, generator), run.labels[index]
-            step += 1
-        epoch += 1
 
 
 def decode(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -119,7 +104,7 @@ def model_checks(run: BuiltRun, out: Path, emit: Callable[[Check], None]) -> lis
     def fresh_model(width_scale: float = 1.0) -> torch.nn.Module:
         return run.new_model(width_scale)
 
-    x, y = next(recipe_batches(run, batch_size))
+    x, y = next(run.batches(batch_size))
     shown = min(32, len(y))
     titles = [classes[i] for i in y[:shown].tolist()]
     save_figure(image_grid(list(decode(x[:shown], run.mean, run.std)), 8, titles=titles), out / "batch.png")
@@ -144,30 +129,30 @@ def model_checks(run: BuiltRun, out: Path, emit: Callable[[Check], None]) -> lis
 
 
 def _lr_range_check(run: BuiltRun, out: Path) -> Check:
+    """train/lr_find.py's range test, as `train --lr auto` runs it; a per-1024 lr is measured on
+    smaller batches (the unit carries it to the run's batch), a per-batch lr at the run's batch."""
     from visionrecipe.evaluate.report import new_figure, save_figure
 
     cfg = run.cfg
-    torch.manual_seed(cfg.run.seed)
-    model = run.new_model()
-    batch_size = min(cfg.optim.batch_size, LR_RANGE_BATCH, len(run.labels))
-    optimizer = build_optimizer(model, cfg, run.head_path, batch_size)
-    factors, losses = lr_range(model, optimizer, recipe_batches(run, batch_size), steps=LR_RANGE_STEPS,
-                               loss_fn=run.loss_fn)
-    lrs = [cfg.optim.lr * f for f in factors]  # in --lr units
-    check = check_lr_range(lrs, losses, cfg.optim.lr)
+    unit = lr_unit(cfg)
+    test = range_test(run, min(cfg.optim.batch_size, LR_RANGE_BATCH) if lr_per_1024(cfg) else None)
+    lrs, losses = test.lrs, test.losses
+    check = check_lr_range(lrs, losses, cfg.optim.lr, unit)
     if len(losses) >= 10:
-        suggested, _ = suggest_lr(lrs, losses)
+        found = test.suggestion
         fig = new_figure(6, 3.6)
         ax = fig.subplots()
         ax.plot(lrs, losses, color="#cbd5e1", lw=1, label="loss")
         ax.plot(lrs, smooth(losses), color="#2563eb", lw=2, label="smoothed")
-        ax.axvline(suggested, color="#16a34a", ls="--", label=f"suggested {suggested:.2g}")
-        ax.axvline(cfg.optim.lr, color="#f59e0b", ls=":", label=f"configured {cfg.optim.lr:.2g}")
+        ax.axvspan(*found.region, color="#16a34a", alpha=0.08, label="descending")
+        ax.axvline(found.lr, color="#16a34a", ls="--", label=f"suggested {found.lr:.2g}")
+        if cfg.optim.lr != "auto":
+            ax.axvline(cfg.optim.lr, color="#f59e0b", ls=":", label=f"configured {cfg.optim.lr:.2g}")
         ax.set_xscale("log")
         ax.set_ylim(top=min(max(losses), 3 * smooth(losses).max()))
-        ax.set_xlabel("learning rate (--lr units)")
+        ax.set_xlabel(f"learning rate ({unit}, as --lr)")
         ax.set_ylabel("training loss")
-        ax.set_title(f"learning-rate range test ({cfg.model.model}, {cfg.optim.optimizer})")
+        ax.set_title(f"learning-rate range test ({cfg.model.model}, {cfg.optim.optimizer}, batch {test.batch_size})")
         ax.legend(frameon=False, fontsize=8)
         save_figure(fig, out / "lr_range.png")
     return check
@@ -178,9 +163,9 @@ def _short_run(run: BuiltRun, batch_size: int) -> list[float]:
     cfg = run.cfg
     torch.manual_seed(cfg.run.seed)
     model = run.new_model().train()
-    optimizer = build_optimizer(model, cfg, run.head_path, batch_size)
+    optimizer = build_optimizer(model, copy_config(cfg, lr=base_lr(cfg)), run.head_path, batch_size)
     losses = []
-    for _, (x, y) in zip(range(DETERMINISM_STEPS), recipe_batches(run, batch_size)):
+    for _, (x, y) in zip(range(DETERMINISM_STEPS), run.batches(batch_size)):
         loss = run.loss_fn(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

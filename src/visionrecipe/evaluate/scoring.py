@@ -2,6 +2,7 @@
 
     logits = predict_logits(model, images_uint8, mean, std, tta=True, device="cpu")
     metrics = compute_metrics(logits, labels)                  # accuracy, top5_accuracy, loss, ...
+    class_balanced_metrics(logits, labels)                     # balanced_accuracy, f1_macro (scikit-learn's)
     result = evaluate_run("runs/digits", split="test")          # also writes eval.json
 
 Evaluation always runs in fixed-size batches in eval mode, so `evaluate` in a new process
@@ -84,6 +85,23 @@ def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> list[dict]
     return rows
 
 
+def class_balanced_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Balanced accuracy (the mean recall over the classes present) and macro-F1 (the mean F1 over
+    the classes present or predicted): on imbalanced data, what accuracy hides. scikit-learn's own
+    functions, as the reference for both."""
+    if len(labels) == 0:
+        return {"balanced_accuracy": 0.0, "f1_macro": 0.0}
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    truth, predicted = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those are left out, as documented
+        warnings.simplefilter("ignore")
+        return {"balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
+                "f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0))}
+
+
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "test", device: str = "auto",
                  dataset=None, write: bool = True, data_dir: str | None = None, return_logits: bool = False):
     """Score a run's best model on a split of its data (or of `data`), and write eval.json.
@@ -112,7 +130,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
     if meta.get("task") == "multilabel":  # sigmoid per class: mAP and F1, no softmax calibration
         scores = compute_multilabel_metrics(logits, chosen.labels, meta.get("threshold", 0.5), meta["classes"])
     else:
-        scores = {**compute_metrics(logits, chosen.labels, meta["classes"]), **calibration(logits, chosen.labels)}
+        scores = {**compute_metrics(logits, chosen.labels, meta["classes"]),
+                  **class_balanced_metrics(logits, chosen.labels), **calibration(logits, chosen.labels)}
     result = {"split": split, "data": dataset.spec, "model": meta["architecture"], **scores,
               "classes": meta["classes"]}
     if write:

@@ -5,6 +5,7 @@
     x = batch(images_uint8[idx], idx, epoch, generator)     # float, normalised, augmented
     x = batch.normalise(images_uint8)                       # evaluation: normalise only
     order = epoch_order(n, seed, epoch, device)             # the shuffled order of an epoch
+    order = balanced_order(labels, seed, epoch, device)     # --sampler balanced: each class equally often
 
 Alternating flip (from the CIFAR-10 speed records): each image gets a random flip in epoch 0 and
 the opposite of it in every odd epoch, so two consecutive epochs see both views exactly once
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +134,35 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     """The shuffled order of an epoch, a pure function of (seed, epoch): resume needs no RNG state."""
     g = torch.Generator().manual_seed(seed * SEED_STRIDE + 7 * epoch + 1)
     return torch.randperm(n, generator=g).to(device)
+
+
+def balanced_order(labels: torch.Tensor, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """An epoch of len(labels) draws in which every class present is drawn equally often (the
+    remainder of n / classes rotates over the classes from epoch to epoch), shuffled; a pure
+    function of (seed, epoch) as epoch_order, so an exact resume needs no sampler state.
+
+    Each class walks its own endless sequence of shuffled passes over its images, epoch after
+    epoch: a small class repeats its images, a large one shows the next part of a pass each epoch,
+    so every image is seen within ceil(images of the class / draws per epoch) epochs.
+    """
+    labels = labels.cpu()
+    classes = torch.unique(labels).tolist()
+    n, k = len(labels), len(classes)
+    quota, remainder = divmod(n, k)
+    draws = []
+    for i, c in enumerate(classes):
+        members = torch.nonzero(labels == c).reshape(-1).numpy()
+        size = len(members)
+        # Where this epoch's draws start in the class's sequence: every earlier epoch's quota, plus
+        # the extra draws the rotation gave the class in them.
+        extras = epoch // k * remainder + sum((i + e) % k < remainder for e in range(epoch % k))
+        start = epoch * quota + extras
+        stop = start + quota + int((i + epoch) % k < remainder)
+        if stop == start:
+            continue
+        passes = range(start // size, (stop - 1) // size + 1)
+        walk = np.concatenate([members[np.random.default_rng([seed, 1, c, p]).permutation(size)] for p in passes])
+        draws.append(walk[start - passes[0] * size:stop - passes[0] * size])
+    order = np.concatenate(draws)
+    order = order[np.random.default_rng([seed, 0, epoch]).permutation(n)]
+    return torch.from_numpy(order).to(device)

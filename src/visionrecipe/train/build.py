@@ -6,6 +6,8 @@
     run = build_run(cfg, data, torch.device("cpu"))
     run.model, run.mean, run.std, run.loss_fn, run.meta  # run.augment(images, index, epoch, generator)
     another = run.new_model(width_scale=2.0)        # built the same way (the doctor's fresh models)
+    order = run.epoch_order(epoch)                  # the train images of an epoch, in training order
+    x, y = next(run.batches(64))                    # augmented batches drawn in that order (doctor, lr finder)
 
 The trainer (train/loop.py), the doctor, tune and evaluate all build through here, so each of them
 sees the batch size, loss and normalisation that training uses. `resolve` is called without the
@@ -26,9 +28,9 @@ from visionrecipe.config import Config
 from visionrecipe.data import Dataset, channel_stats, load_dataset
 from visionrecipe.models import create_model, get_spec
 from visionrecipe.recipes import copy_config, resolve_crop_padding, resolve_device_defaults, resolve_recipe
-from visionrecipe.train.augment import BatchAugment
+from visionrecipe.train.augment import SEED_STRIDE, BatchAugment, balanced_order, epoch_order
 from visionrecipe.train.optim import small_data_batch
-from visionrecipe.train.tasks import init_prior_bias, task_loss
+from visionrecipe.train.tasks import class_weights, init_prior_bias, task_loss
 
 WHITENING_IMAGES = 5000  # images whose patches set fastnet's whitening layer: a few thousand are plenty
 
@@ -120,6 +122,28 @@ class BuiltRun:
             init_whitening(model, self.augment.normalise(self.images[:WHITENING_IMAGES]).float())
         return model
 
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Indices of the train images in the order epoch `epoch` trains on them, a pure function of
+        (seed, epoch): every image once, shuffled, or with --sampler balanced each class equally often."""
+        if self.cfg.optim.sampler == "balanced":
+            return balanced_order(self.data.train.labels, self.cfg.run.seed, epoch, self.device)
+        return epoch_order(len(self.labels), self.cfg.run.seed, epoch, self.device)
+
+    def batches(self, batch_size: int):
+        """Endless (augmented images, labels) batches drawn as the trainer draws them: the epoch's
+        order, then BatchAugment with the generator seeded by the step (one process's view)."""
+        seed, n = self.cfg.run.seed, len(self.labels)
+        generator = torch.Generator(device=self.device)
+        step, epoch = 0, 0
+        while True:
+            order = self.epoch_order(epoch)
+            for position in range(max(1, n // batch_size)):
+                index = order[position * batch_size:(position + 1) * batch_size]
+                generator.manual_seed(seed * SEED_STRIDE + step)
+                yield self.augment(self.images[index], index, epoch, generator), self.labels[index]
+                step += 1
+            epoch += 1
+
 
 def build_run(cfg: Config, data: Dataset, device: torch.device, resume_dir=None) -> BuiltRun:
     """Model, normalisation, augmentation and loss for a resolved `cfg` (see resolve).
@@ -142,7 +166,8 @@ def build_run(cfg: Config, data: Dataset, device: torch.device, resume_dir=None)
     augment = BatchAugment(meta["mean"], meta["std"], crop_padding=cfg.optim.crop_padding, flip=cfg.optim.flip,
                            alternate_flip=cfg.optim.alternate_flip, n_train=len(train.labels), seed=cfg.run.seed,
                            device=device, crop_scale=cfg.optim.crop_scale, crop_ratio=cfg.optim.crop_ratio)
+    weight = class_weights(train.labels, len(data.classes)).to(device) if cfg.optim.class_weights == "auto" else None
     built = BuiltRun(cfg, data, device, model, images, train.labels.to(device), stats, meta["mean"], meta["std"],
-                     augment, task_loss(cfg), meta, spec.head_path)
+                     augment, task_loss(cfg, weight), meta, spec.head_path)
     built.whiten(model)
     return built

@@ -52,10 +52,13 @@ def epoch_record(*, epoch: int, step: int, train_loss: float, val: dict, lr: flo
     return record
 
 
-def log_epoch(record: dict, epochs: int, eval_name: str) -> None:
-    """The epoch's line on stderr; `eval_name` is the split validated on (test when --val-fraction 0)."""
+def log_epoch(record: dict, epochs: int, eval_name: str, lr_unit: str = "") -> None:
+    """The epoch's line on stderr; `eval_name` is the split validated on (test when --val-fraction 0);
+    the lr is in --lr's unit (recipes.lr_unit), the schedule's value at the epoch's last step."""
+    unit = f" ({lr_unit})" if lr_unit else ""
     log(f"Epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
-        f"{eval_name}_loss {record['val_loss']:.4f}  {eval_name}_acc {100 * record['val_acc']:.2f}%  lr {record['lr']:.1e}  {record['img_per_s']:,.0f} img/s")
+        f"{eval_name}_loss {record['val_loss']:.4f}  {eval_name}_acc {100 * record['val_acc']:.2f}%  "
+        f"lr {record['lr']:.3g}{unit}  {record['img_per_s']:,.0f} img/s")
 
 
 def write_epoch(run_dir: Path, record: dict, tensorboard=None) -> None:

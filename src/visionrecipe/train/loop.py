@@ -33,16 +33,17 @@ from visionrecipe.config import Config, apply_overrides, load_config, save_confi
 from visionrecipe.errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
 from visionrecipe.evaluate.scoring import compute_metrics
 from visionrecipe.evaluate.sharded import sharded_logits
-from visionrecipe.recipes import copy_config
+from visionrecipe.recipes import copy_config, lr_unit
 from visionrecipe.rundir import (Run, check_run_dir, default_run_dir, ensure_room, prepare_run_dir, truncate_metrics,
                                  unlock)
 from visionrecipe.system import local_rank, log, select_device, set_threads, shutdown, warn, world
-from visionrecipe.train.augment import SEED_STRIDE, epoch_order
+from visionrecipe.train.augment import SEED_STRIDE
 from visionrecipe.train.budget import BUDGET_PROBE_STEPS, eval_fraction, plan_budget, replan_budget
 from visionrecipe.train.build import build_run, load_data, resolve
 from visionrecipe.train.callbacks import (epoch_record, log_epoch, open_tensorboard, progress_bar, save_models,
                                           write_epoch)
 from visionrecipe.train.finetune import backbone_freezer
+from visionrecipe.train.lr_find import resolve_auto_lr
 from visionrecipe.train.optim import EMA, build_optimizer
 from visionrecipe.train.schedule import lr_factor
 from visionrecipe.train.state import (TrainState, check_data, data_fingerprint, learned_state, load_learned_state,
@@ -104,6 +105,7 @@ class Trainer:
             self.open_run_dir(cfg)  # every input is good: only now is the folder created, or cleared by --overwrite
         self.tensorboard = open_tensorboard(self.run_dir) if cfg.run.tensorboard and self.world.is_main else None
         self.built = built = build_run(cfg, self.data, self.device, resume_dir=self.resume_dir)
+        self.cfg = cfg = resolve_auto_lr(built, self.world)  # --lr auto: the range test's pick, before config.yaml
         self.model, self.mean, self.std = built.model, built.mean, built.std
         self.data_fingerprint = data_fingerprint(self.data, *built.data_stats)  # a resume must find the same
         self.freezer = backbone_freezer(self.model, cfg, built.head_path)  # None unless --freeze-backbone
@@ -198,7 +200,7 @@ class Trainer:
         self.model.train()
         if self.freezer is not None:
             self.freezer.apply(epoch)  # after train(): frozen BatchNorm goes back to eval mode
-        order = epoch_order(len(built.labels), cfg.run.seed, epoch, self.device)
+        order = built.epoch_order(epoch)  # shuffled, or class-balanced with --sampler balanced
         rank, size = self.world.rank, self.world.size
         steps = min(self.steps_per_epoch, state.total_steps - state.step + state.position)
         generator = torch.Generator(device=self.device)
@@ -318,9 +320,10 @@ class Trainer:
             plan = replan_budget(cfg.optim.time_budget, state.elapsed, state.step, state.epoch, self.steps_per_epoch)
             state.total_steps, state.epochs = self.world.broadcast(plan)
         record = epoch_record(epoch=state.epoch, step=state.step, train_loss=train_loss, val=metrics,
-                              lr=self.optimizer.param_groups[-1]["lr"], images_per_second=images_per_second,
+                              lr=cfg.optim.lr * max(g["lr"] for g in self.optimizer.param_groups) / max(self.base_lrs),
+                              images_per_second=images_per_second,
                               elapsed=state.elapsed, nan_skips=state.nan_skips)
-        log_epoch(record, state.epochs, self.eval_name)
+        log_epoch(record, state.epochs, self.eval_name, lr_unit(cfg))
         best = max(state.best_acc, metrics["accuracy"])
         if self.world.is_main:
             write_epoch(self.run_dir, record, self.tensorboard)

@@ -1,6 +1,7 @@
 """Multilabel classification: one sigmoid per class, binary cross-entropy, mAP and F1.
 
     loss_fn = task_loss(cfg)                    # cross-entropy or BCE, as --task says
+    loss_fn = task_loss(cfg, class_weights(labels, num_classes))   # --class-weights auto
     loss = loss_fn(logits, targets)             # targets: int64 N (multiclass) or float N×C multi-hot
     m = compute_multilabel_metrics(logits, targets, threshold=0.5, classes=names)
     m["mAP"], m["f1_micro"], m["f1_macro"], m["per_class"][0]["ap"]
@@ -28,13 +29,23 @@ from visionrecipe.errors import VisionRecipeError
 PRIOR_CLAMP = 1e-4  # keeps the initial bias finite for a class that is never or always present
 
 
-def task_loss(cfg):
-    """The training loss for ``cfg.model.task``: ``loss_fn(float logits, targets) -> scalar``."""
+def task_loss(cfg, weight: torch.Tensor | None = None):
+    """The training loss for ``cfg.model.task``: ``loss_fn(float logits, targets) -> scalar``;
+    `weight`: one per class for the cross-entropy (a weighted mean: sum w_y·loss / sum w_y)."""
     if cfg.model.task == "multilabel":
         # No label smoothing: a smoothed multi-hot target has no agreed meaning, and BCE on rare
         # labels is already gentle.
         return F.binary_cross_entropy_with_logits
-    return partial(F.cross_entropy, label_smoothing=cfg.optim.label_smoothing or 0.0)
+    return partial(F.cross_entropy, weight=weight, label_smoothing=cfg.optim.label_smoothing or 0.0)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, n / (classes × count), 1 for every class of a balanced split
+    (scikit-learn's compute_class_weight("balanced")); a class without images gets 0 and is not
+    counted among the classes."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    weights = len(labels) / (int((counts > 0).sum()) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
 
 
 def check_task(cfg, dataset) -> None:
@@ -44,6 +55,8 @@ def check_task(cfg, dataset) -> None:
         raise VisionRecipeError("--task multilabel needs a CSV manifest as --data (rows: path,label1;label2)")
     if cfg.model.task != "multilabel" and multi_hot:
         raise VisionRecipeError(f"{dataset.spec} is a multilabel manifest: pass --task multilabel")
+    if multi_hot and (cfg.optim.class_weights != "none" or cfg.optim.sampler != "shuffle"):
+        raise VisionRecipeError("--class-weights and --sampler balanced are for single-label data (not --task multilabel)")
     if not 0 <= cfg.model.threshold < 1:
         raise VisionRecipeError(f"invalid value for threshold: {cfg.model.threshold} (must be in [0, 1))")
 
