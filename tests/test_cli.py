@@ -104,7 +104,7 @@ def test_every_command_has_its_flags_from_its_dataclasses():
 
     parsers = subparsers()
     assert list(parsers) == [c.name for c in COMMANDS] == ["train", "evaluate", "predict", "models", "doctor",
-                                                           "report", "tune", "auto", "export", "serve"]
+                                                           "report", "tune", "auto", "export", "push", "serve"]
     for command in COMMANDS:
         declared = [f.name for entry in command.settings for f in cli_fields(entry)]
         assert len(declared) == len(set(declared)), f"{command.name}: a setting declared twice"

@@ -26,7 +26,7 @@ from typing import Callable
 
 from visionrecipe.config import (FIELDS, SECTIONS, AutoOptions, DataConfig, DoctorOptions, EvaluateOptions,
                                  ExportOptions, LaunchOptions, ModelConfig, ModelsOptions, OptimConfig, PredictOptions,
-                                 ReportOptions, RunConfig, ServeOptions, ServeSettings, TuneOptions, check_value,
+                                 PushOptions, ReportOptions, RunConfig, ServeOptions, ServeSettings, TuneOptions, check_value,
                                  config_from_args, load_config, setting_type)
 from visionrecipe.errors import VisionRecipeError
 
@@ -227,6 +227,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from visionrecipe.deploy.hub import push
+
+    result = push(args.run, args.repo_id, private=args.private, onnx=args.onnx)
+    print(f"pushed {', '.join(result['files'])} to {result['url']}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Binds to loopback unless --host says otherwise; the address is checked before the model loads."""
     from visionrecipe.deploy.predict import load_classifier
@@ -313,6 +321,8 @@ COMMANDS = (
     Command("auto", "doctor, tune, train the best, evaluate, export, report: one command", cmd_auto,
             (AutoOptions, DataConfig, pick(RunConfig, "seed", "device"))),
     Command("export", "export a run's model to ONNX or TorchScript (verified)", cmd_export, (ExportOptions,)),
+    Command("push", "upload a run to the Hugging Face Hub: weights, model.json, model card, ONNX", cmd_push,
+            (PushOptions,)),
     Command("serve", "serve a model over HTTP (JSON API and a web page)", cmd_serve,
             (ServeOptions, ServeSettings, DEVICE)),
 )
@@ -356,6 +366,8 @@ def add_arguments(parser: argparse.ArgumentParser, entry, builds_run: bool) -> N
             options["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
         elif meta.get("metavar"):
             options["metavar"] = meta["metavar"]
+        if meta.get("bare") is not None:  # the flag alone means this value (`--mlflow`)
+            options.update(nargs="?", const=meta["bare"])
         if meta.get("positional"):
             nargs = "+" if kind in (list, tuple) else "?" if not required else None
             group.add_argument(f.name, nargs=nargs, **({} if required else {"default": default}), **options)

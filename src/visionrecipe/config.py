@@ -33,16 +33,19 @@ REQUIRED: Any = dataclasses.MISSING  # opt(REQUIRED, ...): no default, so the fl
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
         positive: bool = False, cli: bool = True, positional: bool = False, flag: str | None = None,
-        metavar: str | None = None, shortcut: tuple[str, Any] | None = None, words: tuple[str, ...] = ()) -> Any:
+        metavar: str | None = None, shortcut: tuple[str, Any] | None = None, words: tuple[str, ...] = (),
+        bare: str | None = None) -> Any:
     """A dataclass field with the metadata the CLI and validation need.
 
     positional: an argument rather than a flag (a list takes one or more, a None default makes it
     optional); flag: the flag when it is not named after the field (`workers` keeps its YAML key);
     shortcut: (flag, value), a second flag that sets this one to value (`--json` = `--format json`);
-    words: values taken as they are besides the field's type (`--lr auto`).
+    words: values taken as they are besides the field's type (`--lr auto`); bare: the value of the
+    flag given without one (`--mlflow` alone).
     """
     meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "cli": cli,
-            "positional": positional, "flag": flag, "metavar": metavar, "shortcut": shortcut, "words": words}
+            "positional": positional, "flag": flag, "metavar": metavar, "shortcut": shortcut, "words": words,
+            "bare": bare}
     return field(default=default, metadata=meta)
 
 
@@ -131,6 +134,9 @@ class RunConfig:
     progress: bool = opt(True, "live progress bar")
     report: bool = opt(True, "write report.html at the end")
     tensorboard: bool = opt(False, "log to TensorBoard event files in the run directory")
+    mlflow: str | None = opt(None, "track the run in MLflow (params, metrics per epoch, model and report): a "
+                                   "tracking URI (http://host:5000, sqlite:///mlflow.db, a folder); alone: "
+                                   "$MLFLOW_TRACKING_URI, else ./mlruns", metavar="URI", bare="default")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
@@ -266,6 +272,15 @@ class ExportOptions:
     data: str | None = opt(None, "data whose test split verifies the export (default the run's)", metavar="SPEC")
     tolerance: float = opt(1e-4, "largest allowed logit difference, times max(1, largest |logit|)")
     json: bool = opt(False, "print the verification result as JSON")
+
+
+@dataclass
+class PushOptions:
+    run: str = opt(REQUIRED, "run directory", positional=True)
+    repo_id: str = opt(REQUIRED, "Hugging Face Hub model repository, OWNER/NAME (created when missing)",
+                       positional=True)
+    private: bool = opt(False, "create the repository private (an existing one keeps its visibility)")
+    onnx: bool = opt(True, "also upload model.onnx, exported and verified as `export` does")
 
 
 @dataclass
