@@ -26,8 +26,8 @@ from typing import Callable
 
 from visionrecipe.config import (FIELDS, SECTIONS, AutoOptions, DataConfig, DoctorOptions, EvaluateOptions,
                                  ExportOptions, LaunchOptions, ModelConfig, ModelsOptions, OptimConfig, PredictOptions,
-                                 PushOptions, ReportOptions, RunConfig, ServeOptions, ServeSettings, TuneOptions, check_value,
-                                 config_from_args, load_config, setting_type)
+                                 PushOptions, ReportOptions, RunConfig, ServeOptions, ServeSettings, TuneOptions,
+                                 check_value, config_from_args, load_config, setting_type)
 from visionrecipe.errors import VisionRecipeError
 
 
