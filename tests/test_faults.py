@@ -360,3 +360,38 @@ def test_write_failure_is_one_line_error_and_keeps_earlier_files(tmp_path):
     assert [row["epoch"] for row in metrics_without_timing(out)] == [1]
     assert "seedcnn" in (out / "config.yaml").read_text()
     assert not (out / "last.safetensors").exists() and not list(out.glob(".*.tmp"))  # no partial file
+
+
+# ------------------------------------------------------------------------- precision (issue 13)
+def test_fp16_resume_matches_uninterrupted_run_scaler_included(tmp_path):
+    """--precision fp16 trains with a gradient scaler whose scale and growth counter join state.pt:
+    interrupted mid-epoch and resumed, the run ends as an uninterrupted one, bit for bit."""
+    from sklearn.datasets import load_digits
+
+    from visionrecipe.config import Config
+    from visionrecipe.train.loop import resume
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images[:120], digits.target[:120])):
+        path = tmp_path / "images" / str(label) / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 16).clip(0, 255).astype(np.uint8)).save(path)
+    # fp16 on a CPU is slow (few fp16 kernels): a tiny fastnet (whitening, BatchNorm, EMA) keeps this short
+    settings = {"data": str(tmp_path / "images"), "data_dir": str(tmp_path / "cache"), "model": "fastnet",
+                "width": 0.125, "depth": 2, "epochs": 2, "batch_size": 16, "precision": "fp16",
+                "deterministic": True, "progress": False, "report": False}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    train(**settings, out=str(reference))
+    trainer = Trainer(Config.from_dict({**settings, "out": str(killed)}),
+                      on_epoch=lambda record: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    state = read_state(killed / "state.pt")
+    assert (state["epoch"], state["position"]) == (1, 1)
+    assert state["scaler"]["scale"] < 2.0**16  # fp16 overflowed and the scaler backed off: a resume must know
+    resume(killed)
+
+    assert metrics_without_timing(killed) == metrics_without_timing(reference)
+    for name in ("model.safetensors", "last.safetensors"):
+        assert_same_tensors(killed / name, reference / name)
+    assert read_state(killed / "state.pt")["scaler"] == read_state(reference / "state.pt")["scaler"]

@@ -10,6 +10,7 @@ import torch
 from visionrecipe import train
 from visionrecipe.train.augment import BatchAugment, random_translate
 from visionrecipe.config import Config, load_config
+from visionrecipe.errors import VisionRecipeError
 from visionrecipe.train.schedule import lr_factor
 
 from conftest import run_cli
@@ -155,3 +156,67 @@ def test_patience_stops_early_and_keeps_the_best_epoch(tmp_path):
     assert run.metrics[-1]["stopped"] == f"no better val_acc for 2 epochs (best {max(scores):.4f} at epoch {best_epoch})"
     assert not any("stopped" in m for m in run.metrics[:-1])
     assert (run.meta["epoch"], run.meta["val_acc"]) == (best_epoch, max(scores))
+
+
+def test_stop_at_stops_once_reached_and_resume_says_finished(tmp_path, capsys):
+    from visionrecipe.train.loop import resume
+
+    out = tmp_path / "s"
+    run = train(data="digits", model="seedcnn", epochs=30, stop_at=0.9, batch_size=32, out=str(out),
+                progress=False, report=False, data_dir=str(tmp_path / "cache"))
+    scores = [m["val_acc"] for m in run.metrics]
+    assert len(scores) < 30 and scores[-1] >= 0.9 and all(s < 0.9 for s in scores[:-1])
+    assert run.metrics[-1]["stopped"] == f"val_acc {scores[-1]:.4f} reached --stop-at 0.9"
+    assert load_config(out / "config.yaml").run.precision == "fp32"  # the CPU default, resolved into config.yaml
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    resume(out)
+    said = capsys.readouterr()
+    assert f"{out} is already finished (val_acc {scores[-1]:.4f} reached --stop-at 0.9)" in said.out + said.err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing trained, nothing rewritten
+
+
+def test_stop_at_is_a_fraction(tmp_path):
+    with pytest.raises(VisionRecipeError, match=r"^--stop-at is a val_acc between 0 and 1 \(e.g. 0.95\), got 95$"):
+        train(data="digits", model="seedcnn", stop_at=95, out=str(tmp_path / "x"), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_grad_accum_steps_like_the_whole_batch(tmp_path):
+    """--batch-size 32 --grad-accum 4 (four micro-batches of 8) takes the optimizer step of one
+    batch of 32. seedcnn has no BatchNorm, so the weights agree to float rounding; SGD (unlike
+    Adam) would show a gradient of the wrong scale."""
+    from visionrecipe.rundir import unlock
+    from visionrecipe.train.loop import Trainer
+
+    weights, losses, initial = [], [], None
+    for accum in (1, 4):
+        cfg = Config.from_dict({"data": "digits", "model": "seedcnn", "batch_size": 32, "grad_accum": accum,
+                                "optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "schedule": "constant",
+                                "warmup_epochs": 0, "out": str(tmp_path / f"k{accum}"),
+                                "progress": False, "report": False, "data_dir": str(tmp_path / "cache")})
+        trainer = Trainer(cfg)
+        trainer.setup()
+        try:
+            built = trainer.built
+            initial = initial or {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            for step in range(2):
+                index = torch.arange(step * 32, (step + 1) * 32)
+                x = built.augment(built.images[index], index, 0, torch.Generator().manual_seed(step))
+                losses.append(float(trainer.train_step(x, built.labels[index])))
+                trainer.state.step += 1
+            weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        finally:
+            unlock(trainer.run_dir)
+    assert losses[:2] == pytest.approx(losses[2:], abs=1e-6)
+    assert (weights[0]["head.weight"] - initial["head.weight"]).abs().max() > 5e-3  # the steps moved them
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=1e-5)
+
+
+def test_grad_accum_must_divide_the_batch(tmp_path):
+    with pytest.raises(VisionRecipeError, match=r"^--grad-accum 3 must divide the batch of 32 images \(--batch-size "
+                                                r"is the batch of one optimizer step\)$"):
+        train(data="digits", model="seedcnn", batch_size=32, grad_accum=3, out=str(tmp_path / "x"), progress=False,
+              data_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "x").exists()  # refused before the run directory is made

@@ -118,6 +118,11 @@ class OptimConfig:
                              choices=("none", "auto"))
     sampler: str = opt("shuffle", "each epoch's order: shuffle every image once, or balanced (each class drawn "
                                   "equally often, small classes repeated)", choices=("shuffle", "balanced"))
+    patience: int | None = opt(None, "stop after this many epochs without a better val_acc (the best epoch is kept)", positive=True)
+    stop_at: float | None = opt(None, "stop once val_acc reaches this value, e.g. 0.95 (mAP for multilabel)", positive=True)
+    # --batch-size stays the batch of one optimizer step; accumulation only bounds the memory.
+    grad_accum: int = opt(1, "split each batch into this many micro-batches (same step, less memory; "
+                             "must divide the batch)", positive=True)
 
 
 @dataclass
@@ -128,6 +133,8 @@ class RunConfig:
     device: str = opt("auto", "device", choices=("auto", "cpu", "cuda", "mps"))
     compile: str = opt("auto", "torch.compile the model (auto: on CUDA only, where it pays)", choices=("auto", "on", "off"))
     channels_last: bool = opt(True, "channels_last memory format for conv nets")
+    precision: str | None = opt(None, "autocast precision of training steps (default: bf16 on CUDA, fp32 elsewhere); "
+                                      "fp16 uses a gradient scaler", choices=("fp32", "bf16", "fp16"))
     deterministic: bool = opt(False, "deterministic algorithms (exact resume and repeat on CPU)")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: physical cores)", positive=True)
     checkpoint_every: float | None = opt(None, "also checkpoint every N minutes mid-epoch (fractions too: 0.5 = 30 s)", positive=True)

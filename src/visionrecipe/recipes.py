@@ -65,6 +65,7 @@ RECIPES: dict[str, Recipe] = {
 }
 assert all(f.name in FIELDS for f in fields(Recipe) if f.name not in ("lr_per_1024", "crop_padding_at_32"))
 
+
 @dataclass(frozen=True)
 class SizeRule:
     """What the default recipe does from an image size up (the first rule whose min_size the data's
@@ -132,6 +133,8 @@ def resolve_recipe(cfg: Config, image_size: int | None = None) -> Config:
 
 def resolve_device_defaults(cfg: Config, device_type: str) -> Config:
     """Recipe values that depend on the device the run landed on; returns a new Config."""
+    if cfg.run.precision is None:  # bf16 autocast pays on CUDA; elsewhere fp32 unless asked (BENCHMARKS.md)
+        cfg = copy_config(cfg, precision="bf16" if device_type == "cuda" else "fp32")
     if (cfg.optim.recipe == "fast" and cfg.model.model == "fastnet" and cfg.model.width is None
             and not cfg.model.weights and device_type == "cpu"):
         return copy_config(cfg, width=CPU_FASTNET_WIDTH)

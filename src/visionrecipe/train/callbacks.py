@@ -27,7 +27,8 @@ def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a pipe, a log file): the epoch lines say it all
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, unit="step", dynamic_ncols=True, disable=None)
 
 
 def open_tensorboard(run_dir: Path):
@@ -41,14 +42,17 @@ def open_tensorboard(run_dir: Path):
 
 
 def epoch_record(*, epoch: int, step: int, train_loss: float, val: dict, lr: float, images_per_second: float,
-                 elapsed: float, nan_skips: int = 0) -> dict:
+                 elapsed: float, nan_skips: int = 0, stopped: str = "") -> dict:
     """One line of metrics.jsonl. val_acc is the validation score that picks the best epoch
-    (accuracy, or mAP for multilabel); elapsed_s counts training and validation seconds."""
+    (accuracy, or mAP for multilabel); elapsed_s counts training and validation seconds;
+    `stopped`, on the last line only, why --patience or --stop-at ended the run."""
     record = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["loss"], 6),
               "val_acc": val["accuracy"], "lr": lr, "img_per_s": round(images_per_second, 1),
               "elapsed_s": round(elapsed, 3), "step": step}
     if nan_skips:
         record["nan_skips"] = nan_skips
+    if stopped:
+        record["stopped"] = stopped
     return record
 
 
@@ -61,12 +65,16 @@ def log_epoch(record: dict, epochs: int, eval_name: str, lr_unit: str = "") -> N
         f"lr {record['lr']:.3g}{unit}  {record['img_per_s']:,.0f} img/s")
 
 
-def write_epoch(run_dir: Path, record: dict, tensorboard=None) -> None:
-    """Append the record to metrics.jsonl and, with --tensorboard, to the event files."""
+def write_epoch(run_dir: Path, record: dict, tensorboard=None, tracker=None) -> None:
+    """Append the record to metrics.jsonl and, with --tensorboard, to the event files; with
+    --mlflow, to the MLflow run (train/tracking.py)."""
     append_metrics(run_dir, record)
+    if tracker is not None:
+        tracker.log_epoch(record)
     if tensorboard is not None:
         for name, value in record.items():
-            tensorboard.add_scalar(name, value, record["epoch"])
+            if isinstance(value, (int, float)):  # not the `stopped` reason
+                tensorboard.add_scalar(name, value, record["epoch"])
         tensorboard.flush()
 
 

@@ -10,9 +10,11 @@ What happens, in order (Trainer.fit): resolve the settings and load the data as 
 for each epoch: training steps, validation, and the epoch's records (train/callbacks.py:
 metrics.jsonl, best and last model, TensorBoard) and state.pt for an exact resume (train/state.py).
 Each step gathers a batch from the device-resident data, augments it on the device, runs
-forward/backward under bf16 autocast on CUDA, and steps the optimizer with the learning rate of
-the schedule at that step. At the end the test split is scored once, and the report is drawn
-from those numbers.
+forward/backward under --precision's autocast (bf16 on CUDA by default; fp16 with a gradient
+scaler) in --grad-accum micro-batches, and steps the optimizer with the learning rate of the
+schedule at that step. --patience and --stop-at end a run early at an epoch end (metrics.jsonl's
+last line says why). At the end the test split is scored once, and the report is drawn from
+those numbers.
 
 SIGINT/SIGTERM finish the step, save and raise TrainingInterrupted (exit 130/143); a NaN loss
 raises TrainingStopped (or skips the batch with --on-nan skip). Under torchrun each process trains
@@ -22,8 +24,10 @@ skip, save) are agreed by all at each step, and only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +53,7 @@ from visionrecipe.train.schedule import lr_factor
 from visionrecipe.train.state import (TrainState, check_data, data_fingerprint, learned_state, load_learned_state,
                                       plan_resume, read_state, restore_rng, write_state)
 from visionrecipe.train.tasks import check_task, compute_multilabel_metrics
+from visionrecipe.train.tracking import open_tracker
 
 
 def train(config: Config | None = None, *, on_epoch=None, evaluate_test: bool = True, **settings) -> Run:
@@ -82,6 +87,8 @@ class Trainer:
         self.world = world(self.device)
         loading = resolve(self.settings, self.device.type)  # enough to load the data (and fail early)
         set_threads(loading.run.threads, self.device)
+        if loading.optim.stop_at is not None and loading.optim.stop_at > 1:
+            raise VisionRecipeError(f"--stop-at is a val_acc between 0 and 1 (e.g. 0.95), got {loading.optim.stop_at:g}")
         if loading.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(loading.run.seed)
@@ -96,11 +103,26 @@ class Trainer:
         saved = read_state(self.resume_dir / "state.pt") if self.resume_dir is not None else None
         with self.world.main_first():  # rank 0 decodes and caches a folder; the others read the cache
             self.data = load_data(loading, progress=loading.run.progress and self.world.is_main)
-        warn_skipped(self.data.skipped)
         check_task(loading, self.data)
 
         # From here on the config is complete, and nothing changes it: config.yaml is what runs.
         self.cfg = cfg = resolve(self.settings, self.device.type, self.data, self.world.size)
+        # --batch-size is the global batch: each of the world's processes takes an equal slice of
+        # it, so 2 processes train on the same batches, with the same lr, as one. Checked before
+        # the run directory is made.
+        if cfg.optim.batch_size % self.world.size:
+            raise VisionRecipeError(f"--batch-size {cfg.optim.batch_size} is the global batch and must be a "
+                                    f"multiple of the {self.world.size} processes")
+        n = len(self.data.train.labels)
+        self.global_batch = min(cfg.optim.batch_size, n - n % self.world.size)
+        self.batch_size = self.global_batch // self.world.size  # per process
+        # The last partial batch is dropped: a batch of 1 breaks BatchNorm, and equal batches keep
+        # the schedule's step count exact.
+        self.steps_per_epoch = max(1, n // self.global_batch)
+        if self.batch_size % cfg.optim.grad_accum:
+            raise VisionRecipeError(f"--grad-accum {cfg.optim.grad_accum} must divide the batch of "
+                                    f"{self.batch_size} images" + (" per process" if self.world.size > 1 else "")
+                                    + " (--batch-size is the batch of one optimizer step)")
         if self.resume_dir is None:
             self.open_run_dir(cfg)  # every input is good: only now is the folder created, or cleared by --overwrite
         self.tensorboard = open_tensorboard(self.run_dir) if cfg.run.tensorboard and self.world.is_main else None
@@ -120,17 +142,12 @@ class Trainer:
             self.eval_split, self.eval_name = self.data.test, "test"
             log("note: --val-fraction 0: validating on the test split each epoch (model selection sees test)")
 
-        # --batch-size is the global batch: each of the world's processes takes an equal slice of
-        # it, so 2 processes train on the same batches, with the same lr, as one.
-        if cfg.optim.batch_size % self.world.size:
-            raise VisionRecipeError(f"--batch-size {cfg.optim.batch_size} is the global batch and must be a "
-                                    f"multiple of the {self.world.size} processes")
-        n = len(built.labels)
-        self.global_batch = min(cfg.optim.batch_size, n - n % self.world.size)
-        self.batch_size = self.global_batch // self.world.size  # per process
-        # The last partial batch is dropped: a batch of 1 breaks BatchNorm, and equal batches keep
-        # the schedule's step count exact.
-        self.steps_per_epoch = max(1, n // self.global_batch)
+        # fp16's narrow range needs the loss scaled up (and the gradients back down); bf16 does not.
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.precision == "fp16" else None
+        if cfg.run.precision == "fp16" and self.device.type == "cpu":
+            warn("warning: --precision fp16 on a CPU is tens of times slower than fp32 (PyTorch has few fp16 CPU "
+                 "kernels); bf16 is the CPU's half precision")
         self.optimizer = build_optimizer(self.model, cfg, built.head_path, self.global_batch)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema else None
@@ -155,12 +172,14 @@ class Trainer:
 
     def wrap_model(self) -> torch.nn.Module:
         model = self.model
+        self.no_sync = contextlib.nullcontext  # one process: no gradient all-reduce to hold back
         if self.world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             # A frozen backbone gets no gradients, which DDP must be told to expect.
             model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.freezer is not None)
+            self.no_sync = model.no_sync
         want = self.cfg.run.compile
         if want == "on" or (want == "auto" and self.device.type == "cuda"):
             model = torch.compile(model)
@@ -172,21 +191,38 @@ class Trainer:
         try:
             self.setup()
             cfg, state = self.cfg, self.state
+            if self.finished:  # a resume of a run that ended: say so, touch nothing (exit status 0)
+                log(f"{self.run_dir} is already finished ({state.stopped or f'{state.epoch}/{state.epochs} epochs'}); "
+                    "nothing to resume")
+                return Run(self.run_dir) if self.world.is_main else None
             old_handlers = self.install_signal_handlers()
+            # --mlflow: rank 0 opens the MLflow run (a resume reopens its own) and feeds it each epoch
+            self.tracker = open_tracker(self.run_dir, cfg) if self.world.is_main else None
             log(f"training {cfg.model.model} ({sum(p.numel() for p in self.model.parameters()):,} parameters) on "
                 f"{cfg.data.data}: {len(self.built.labels):,} train, {len(self.eval_split.labels):,} {self.eval_name}, "
                 f"{len(self.data.test.labels):,} test images, {len(self.data.classes)} classes, device {self.device}"
                 + (f", {self.world.size} processes" if self.world.size > 1 else "")
                 + (f", decode {self.data.decode_seconds:.1f}s" if self.data.decode_seconds else ""))
             try:
-                while state.epoch < state.epochs and state.step < state.total_steps:
+                while not self.finished:
                     self.run_epoch()
             finally:
                 restore_signal_handlers(old_handlers)
-            return self.finish()
+            run = self.finish()
+            if self.tracker is not None:
+                self.tracker.close(self.run_dir)  # the model, report and card, then the MLflow run ends
+            return run
         finally:
+            if getattr(self, "tracker", None) is not None:
+                self.tracker.end(sys.exc_info()[1])  # interrupted (KILLED) or failed; a no-op after close
             unlock(getattr(self, "run_dir", None))  # a no-op where this process holds no lock
             shutdown()
+
+    @property
+    def finished(self) -> bool:
+        """The planned epochs and steps are done, or the run stopped early (state.stopped says why)."""
+        state = self.state
+        return bool(state.stopped) or not (state.epoch < state.epochs and state.step < state.total_steps)
 
     def run_epoch(self) -> None:
         """The rest of the current epoch: its training steps, then validation and the records."""
@@ -262,24 +298,40 @@ class Trainer:
         return signum, bool(due)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """One optimizer step; returns the loss, or None when a non-finite loss was skipped."""
+        """One optimizer step on the batch; returns its mean loss, or None when a non-finite loss
+        was skipped. With --grad-accum K the batch goes through forward/backward in K equal
+        micro-batches whose gradients add up: each loss is its micro-batch's mean divided by K,
+        so the step is the whole batch's (BatchNorm aside, which sees the micro-batches)."""
         cfg, step = self.cfg, self.state.step
         factor = lr_factor(cfg.optim.schedule, step, self.state.total_steps,
                            warmup_steps=round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.train_model(x)
-            loss = self.built.loss_fn(logits.float(), y)
-        if step + 1 in self.inject_nan:  # test hook: VISIONRECIPE_INJECT_NAN_AT_STEP
-            loss = loss * float("nan")
-        if not self.loss_is_finite(loss):
-            return None
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = cfg.optim.grad_accum
+        loss = torch.zeros((), device=self.device)
+        for i, (x_part, y_part) in enumerate(zip(x.chunk(parts), y.chunk(parts))):
+            # Under DDP the gradients are all-reduced once, in the last micro-batch's backward.
+            with self.no_sync() if i < parts - 1 else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                    enabled=self.autocast_dtype is not None):
+                    logits = self.train_model(x_part)
+                part = self.built.loss_fn(logits.float(), y_part) / parts
+                if step + 1 in self.inject_nan:  # test hook: VISIONRECIPE_INJECT_NAN_AT_STEP
+                    part = part * float("nan")
+                (self.scaler.scale(part) if self.scaler is not None else part).backward()
+            loss += part.detach()
+        if not self.loss_is_finite(loss):
+            return None  # the gradients are dropped by the next step's zero_grad
+        if self.scaler is not None and cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when a gradient overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step)
         return loss
@@ -319,20 +371,37 @@ class Trainer:
         if cfg.optim.time_budget:
             plan = replan_budget(cfg.optim.time_budget, state.elapsed, state.step, state.epoch, self.steps_per_epoch)
             state.total_steps, state.epochs = self.world.broadcast(plan)
+        if metrics["accuracy"] > state.best_acc:  # the same test save_models makes
+            state.best_epoch = state.epoch
+        best = max(state.best_acc, metrics["accuracy"])
+        state.stopped = self.stop_reason(metrics["accuracy"], best)
         record = epoch_record(epoch=state.epoch, step=state.step, train_loss=train_loss, val=metrics,
                               lr=cfg.optim.lr * max(g["lr"] for g in self.optimizer.param_groups) / max(self.base_lrs),
                               images_per_second=images_per_second,
-                              elapsed=state.elapsed, nan_skips=state.nan_skips)
+                              elapsed=state.elapsed, nan_skips=state.nan_skips, stopped=state.stopped)
         log_epoch(record, state.epochs, self.eval_name, lr_unit(cfg))
-        best = max(state.best_acc, metrics["accuracy"])
+        if state.stopped:
+            log(f"stopped early: {state.stopped}; the model of epoch {state.best_epoch} is kept")
         if self.world.is_main:
-            write_epoch(self.run_dir, record, self.tensorboard)
+            write_epoch(self.run_dir, record, self.tensorboard, self.tracker)
             meta = {**self.built.meta, "epoch": state.epoch, f"{self.eval_name}_acc": metrics["accuracy"]}
             best = save_models(self.run_dir, model, meta, metrics["accuracy"], state.best_acc)
         state.best_acc = best
         self.save_state()
         if self.on_epoch is not None:
             self.on_epoch(record)
+
+    def stop_reason(self, score: float, best: float) -> str:
+        """Why the run stops at this epoch's end (--stop-at, --patience), or "" to go on; every
+        process decides alike, from the same gathered validation metrics."""
+        optim, state, name = self.cfg.optim, self.state, f"{self.eval_name}_acc"
+        if state.epoch >= state.epochs or state.step >= state.total_steps:
+            return ""  # the planned end: nothing stopped it early
+        if optim.stop_at is not None and score >= optim.stop_at:
+            return f"{name} {score:.4f} reached --stop-at {optim.stop_at:g}"
+        if optim.patience and state.epoch - state.best_epoch >= optim.patience:
+            return f"no better {name} for {optim.patience} epochs (best {best:.4f} at epoch {state.best_epoch})"
+        return ""
 
     def evaluate(self, model: torch.nn.Module, split) -> dict:
         # Under torchrun each process scores a share of the batches, with rank 0's weights; the
@@ -362,20 +431,24 @@ class Trainer:
                 pass
             else:
                 write_report(self.run_dir, dataset=self.data, scored=(result, logits))
+        from visionrecipe.deploy.card import write_model_card
+
+        write_model_card(self.run_dir)  # MODEL_CARD.md, from the files just written (eval.json included)
         return run
 
     # --- state.pt ----------------------------------------------------------------------------
     def save_state(self) -> None:
         """state.pt for an exact resume (every process calls it; rank 0 writes)."""
         write_state(self.run_dir / "state.pt", self.state, self.world,
-                    weights=learned_state(self.model, self.optimizer, self.ema), data=self.data_fingerprint)
+                    weights=learned_state(self.model, self.optimizer, self.ema, self.scaler),
+                    data=self.data_fingerprint)
 
     def restore(self, saved: dict) -> None:
         """Continue from state.pt (read in setup). The data order needs no state: it is a function
         of (seed, epoch), and `position` says how many global batches of the epoch are done."""
         source = str(self.run_dir / "state.pt")
         check_data(self.run_dir, saved, self.data_fingerprint)  # first: other data makes another model too
-        load_learned_state(saved, self.model, self.optimizer, self.ema, source)
+        load_learned_state(saved, self.model, self.optimizer, self.ema, source, self.scaler)
         self.state = state = TrainState.from_saved(saved, self.world, self.device)
         restore_rng(saved, self.world, self.device)
         if self.world.is_main:
@@ -385,8 +458,9 @@ class Trainer:
                 path = self.run_dir / "config.yaml"
                 save_config(load_config(path, self.changed), path)
         changes = "".join(f", {k} now {v}" for k, v in self.changed.items())
-        log(f"resuming {self.run_dir} at epoch {state.epoch + 1}, step {state.step}/{state.total_steps}"
-            f" ({state.position}/{self.steps_per_epoch} of the epoch){changes}")
+        if not self.finished:  # else fit says the run is finished, in one line
+            log(f"resuming {self.run_dir} at epoch {state.epoch + 1}, step {state.step}/{state.total_steps}"
+                f" ({state.position}/{self.steps_per_epoch} of the epoch){changes}")
 
     def install_signal_handlers(self):
         def handler(signum, frame):
@@ -403,14 +477,6 @@ class Trainer:
 def restore_signal_handlers(handlers) -> None:
     for sig, old in handlers.items():
         signal.signal(sig, old)
-
-
-def warn_skipped(skipped: list) -> None:
-    """One warning naming the first few images the decoder could not read (--strict makes them errors)."""
-    if skipped:
-        names = ", ".join(path for path, _ in skipped[:5])
-        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        warn(f"warning: skipped {len(skipped)} unreadable image(s): {names}{more}")
 
 
 def nan_injection_steps() -> set[int]:

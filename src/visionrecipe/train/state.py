@@ -31,7 +31,7 @@ from visionrecipe.system import warn
 # a NaN stop suggests. Anything else (epochs, lr, batch size, ...) would silently make a
 # different run than the one planned, so it is refused.
 RESUME_SETTINGS = {"progress", "device", "threads", "report", "checkpoint_every", "tensorboard", "compile",
-                   "on_nan", "grad_clip"}
+                   "on_nan", "grad_clip", "mlflow"}
 
 
 def plan_resume(run_dir: str | Path, settings: dict) -> tuple[Path, Config, dict]:
@@ -69,6 +69,8 @@ class TrainState:
     total_steps: int = 0  # the schedule's length; a time budget re-plans it
     epochs: int = 0  # epochs planned: --epochs, or what fits in --time-budget (config.yaml keeps the bound)
     best_acc: float = -1.0  # best validation score so far (mAP for multilabel)
+    best_epoch: int = 0  # the epoch that scored best_acc (--patience counts from it)
+    stopped: str = ""  # why the run stopped before its planned end (--patience, --stop-at); "" while it goes on
     elapsed: float = 0.0  # training seconds, summed across resumes
     nan_skips: int = 0
     loss_sum: torch.Tensor | None = None  # this epoch's loss × images so far, this process, on the device
@@ -88,7 +90,7 @@ class TrainState:
 
 
 # Every key a resume reads; a state.pt without one is refused with a one-line error.
-STATE_KEYS = ("model", "optimizer", "ema", *(f.name for f in fields(TrainState)), "world_size", "rng")
+STATE_KEYS = ("model", "optimizer", "ema", "scaler", *(f.name for f in fields(TrainState)), "world_size", "rng")
 
 
 def read_state(path: Path) -> dict:
@@ -96,10 +98,12 @@ def read_state(path: Path) -> dict:
     return ckpt.read_resume_file(path, STATE_KEYS)
 
 
-def learned_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> dict:
-    """The state_dicts of what training learns: the weights, the optimizer's moments, the EMA."""
+def learned_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, scaler=None) -> dict:
+    """The state_dicts of what training learns: the weights, the optimizer's moments, the EMA, and
+    fp16's gradient scaler (its scale moves with the gradients: an exact resume needs it)."""
     return {"model": ckpt.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.model.state_dict() if ema is not None else None}
+            "ema": ema.model.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None}
 
 
 def write_state(path: Path, state: TrainState, world, *, weights: dict, data: dict) -> None:
@@ -117,13 +121,17 @@ def write_state(path: Path, state: TrainState, world, *, weights: dict, data: di
 
 
 def load_learned_state(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema,
-                       source: str) -> None:
-    """Load state.pt's weights, optimizer moments and EMA; a mismatch with the config is one line."""
+                       source: str, scaler=None) -> None:
+    """Load state.pt's weights, optimizer moments, EMA and gradient scaler; a mismatch with the
+    config is one line."""
     ckpt.load_into(model, saved["model"], source)
-    if (saved["ema"] is None) != (ema is None):
-        raise VisionRecipeError(f"{source} does not match the run's config.yaml (ema)")
+    for name, mine in (("ema", ema), ("scaler", scaler)):
+        if (saved[name] is None) != (mine is None):
+            raise VisionRecipeError(f"{source} does not match the run's config.yaml ({name})")
     if ema is not None:
         ckpt.load_into(ema.model, saved["ema"], source)
+    if scaler is not None:
+        scaler.load_state_dict(saved["scaler"])
     try:
         optimizer.load_state_dict(saved["optimizer"])
     except (ValueError, KeyError) as exc:
