@@ -416,12 +416,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="visionrecipe", description="Train, check, evaluate and deploy image classifiers.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     from visionrecipe import __version__
 
-    for command in COMMANDS:
+    parser = Parser(prog="visionrecipe", description="Train, check, evaluate and deploy image classifiers.")
     parser.add_argument("--version", action="version", version=f"visionrecipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         for entry in command.settings:
             add_arguments(p, entry, builds_run=DataConfig in command.settings)
@@ -435,8 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     def is_main_process() -> bool:  # not system's: that imports torch, which `predict x.onnx` avoids
         return os.environ.get("RANK", "0") == "0"
 
-    try:
-        args = build_parser().parse_args(argv)
     def one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
         # A library warning (an unreadable image skipped, ...) is one `warning: ...` line on stderr,
         # said once under torchrun, without Python's source line.
@@ -444,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
     warnings.showwarning = one_line_warnings
+    try:
+        args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc relaunches the same command
         return args.func(args)
     except VisionRecipeError as exc:
@@ -458,10 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
     except BrokenPipeError:  # `visionrecipe predict ... | head`: the reader has gone, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

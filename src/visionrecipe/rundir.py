@@ -51,6 +51,7 @@ RUN_FILES = frozenset({
     MARKER, LOCK, CONFIG, METRICS, "model.safetensors", MODEL_META, "last.safetensors", "last.json",
     STATE, "eval.json", "report.html", "curves.png", "confusion.png", "reliability.png", "mistakes.png",
     "doctor.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt", "MODEL_CARD.md",
+    "mlflow.json",  # train --mlflow: the MLflow run this run logs to (train/tracking.py)
 })
 RUN_DIRS = frozenset({"tensorboard"})
 COMPANIONS = frozenset({"train.log"})  # tune's log of a trial, open while the trial trains: kept
