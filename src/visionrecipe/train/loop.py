@@ -80,6 +80,7 @@ class Trainer:
         self.on_epoch = on_epoch
         self.evaluate_test = evaluate_test
         self.stop_signal: int | None = None
+        self.tracker = None  # MLflow, opened by fit() on rank 0 when --mlflow is given
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -213,7 +214,7 @@ class Trainer:
                 self.tracker.close(self.run_dir)  # the model, report and card, then the MLflow run ends
             return run
         finally:
-            if getattr(self, "tracker", None) is not None:
+            if self.tracker is not None:
                 self.tracker.end(sys.exc_info()[1])  # interrupted (KILLED) or failed; a no-op after close
             unlock(getattr(self, "run_dir", None))  # a no-op where this process holds no lock
             shutdown()
