@@ -163,13 +163,22 @@ def test_batch_augment_crops_keep_labels_shape_and_use_one_grid_sample(monkeypat
 
 def test_small_images_keep_translate_and_flip(monkeypatch):
     from visionrecipe.config import Config
-    from visionrecipe.recipes import resolve_crop_padding, resolve_recipe
+    from visionrecipe.recipes import PHOTO_MIN_SIZE, RECIPES, resolve_crop_padding, resolve_recipe
 
     small = resolve_recipe(Config.from_dict({"data": "cifar10"}), image_size=32)
     assert small.model.model == "fastnet" and small.optim.crop_scale == 0 and resolve_crop_padding(small, 32) == 2
-    photos = resolve_recipe(Config.from_dict({"data": "x"}), image_size=64)
+    assert (small.optim.lr, small.optim.bias_lr_mult) == (RECIPES["fast"].lr, RECIPES["fast"].bias_lr_mult)
+    below = resolve_recipe(Config.from_dict({"data": "x"}), image_size=PHOTO_MIN_SIZE - 1)
+    assert below.model.model == "fastnet" and below.optim.crop_scale == 0
+    photos = resolve_recipe(Config.from_dict({"data": "x"}), image_size=PHOTO_MIN_SIZE)
     assert photos.model.model == "photonet" and photos.optim.crop_scale == 0.35
-    assert resolve_crop_padding(photos, 64) == 0
+    assert resolve_crop_padding(photos, PHOTO_MIN_SIZE) == 0
+    # photonet's own lr and bias multiplier (the recipe's diverged), unless the user set them
+    assert (photos.optim.lr, photos.optim.bias_lr_mult) == (0.6, 1.0)
+    typed = resolve_recipe(Config.from_dict({"data": "x", "lr": 0.2}), image_size=PHOTO_MIN_SIZE)
+    assert (typed.optim.lr, typed.optim.bias_lr_mult) == (0.2, 1.0)
+    fastnet = resolve_recipe(Config.from_dict({"data": "x", "model": "fastnet"}), image_size=PHOTO_MIN_SIZE)
+    assert (fastnet.optim.lr, fastnet.optim.bias_lr_mult) == (RECIPES["fast"].lr, RECIPES["fast"].bias_lr_mult)
     chosen = resolve_recipe(Config.from_dict({"data": "x", "model": "seedcnn", "crop_scale": 0.5}), image_size=128)
     assert chosen.model.model == "seedcnn" and chosen.optim.crop_scale == 0.5
 

@@ -104,7 +104,7 @@ class OptimConfig:
     ema_decay: float = opt(0.99, "EMA decay per step", minimum=0.0)
     crop_padding: int | None = opt(None, "random-translate padding in pixels, 0 = off (default: the recipe's, scaled to the image size)", minimum=0)
     crop_scale: float | None = opt(None, "random-resized crops: the smallest share of an image's area a crop keeps "
-                                         "(the largest is all of it); 0 = off (default: 0.35 for images of 64 px and "
+                                         "(the largest is all of it); 0 = off (default: 0.35 for images of 96 px and "
                                          "more, off below, where --crop-padding translates)", minimum=0.0)
     crop_ratio: float = opt(4 / 3, "random-resized crops: the widest aspect ratio drawn (the narrowest is its "
                                    "inverse)", minimum=1.0)

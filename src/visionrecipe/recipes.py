@@ -74,12 +74,23 @@ class SizeRule:
     min_size: int  # the stored image's side, in pixels
     model: str
     crop_scale: float  # random-resized crops' smallest area share; 0: translate by crop_padding instead
+    # The fast recipe's lr (per 1024 images) and BatchNorm-bias multiplier for this rule's model, when
+    # they differ from the recipe's (None: the recipe's). Only when the rule's model is the one trained.
+    lr: float | None = None
+    bias_lr_mult: float | None = None
 
 
-# Photos (64 px and up) need an early-downsampling net and random-resized crops; fastnet's three
-# pooling stages and 2-px translations suit CIFAR's 32 px (BENCHMARKS.md: images/s of both).
+# Stored side from which the default recipe trains photonet with crops. Fitted to Imagenette at 300 s on
+# 2 cores (BENCHMARKS.md, "Photos"): at 64 px fastnet wins (82.6% against 79.2%), at 128 px photonet does
+# (60.1% against fastnet's 31 img/s and one epoch); 96 lies between the two measured sizes.
+PHOTO_MIN_SIZE = 96
+
+# Photos need an early-downsampling net and random-resized crops; fastnet's three pooling stages and
+# 2-px translations suit CIFAR's 32 px, and its cost grows with the square of the side.
 SIZE_RULES = (
-    SizeRule(min_size=64, model="photonet", crop_scale=0.35),
+    # photonet diverged at the fast recipe's lr 1.5 with BatchNorm biases at ×64 (Imagenette 64 px, epoch 9:
+    # 58% → 9%); lr 0.6 with biases at ×1 trains steadily (BENCHMARKS.md, "Photos").
+    SizeRule(min_size=PHOTO_MIN_SIZE, model="photonet", crop_scale=0.35, lr=0.6, bias_lr_mult=1.0),
     SizeRule(min_size=0, model="fastnet", crop_scale=0.0),
 )
 
@@ -110,6 +121,10 @@ def resolve_recipe(cfg: Config, image_size: int | None = None) -> Config:
         cfg.model.model = rule.model
     if cfg.optim.crop_scale is None:
         cfg.optim.crop_scale = rule.crop_scale
+    if cfg.optim.recipe == "fast" and cfg.model.model == rule.model:
+        for name in ("lr", "bias_lr_mult"):
+            if getattr(cfg.optim, name) is None and getattr(rule, name) is not None:
+                setattr(cfg.optim, name, getattr(rule, name))
     for name, value in RECIPES[cfg.optim.recipe].settings().items():
         section, _ = FIELDS[name]
         if getattr(getattr(cfg, section), name) is None:

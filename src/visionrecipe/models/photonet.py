@@ -1,4 +1,4 @@
-"""photonet: a small ResNet-D (xresnet-like) for photos, 64 px and up.
+"""photonet: a small ResNet-D (xresnet-like) for photos, 96 px and up.
 
 Usage::
 
@@ -87,7 +87,7 @@ def photonet_widths(width: float = 1.0) -> list[int]:
     "photonet",
     head_path="head",
     family="resnet",
-    description="small ResNet-D for photos (64 px and up): 3-conv stem + pool, 4 residual stages",
+    description="small ResNet-D for photos (96 px and up): 3-conv stem + pool, 4 residual stages",
     options=("width", "depth"),
 )
 def photonet(num_classes: int, in_channels: int, image_size: int, width: float = 1.0, depth: int = 1) -> nn.Module:

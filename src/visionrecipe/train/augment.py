@@ -11,7 +11,7 @@ Alternating flip (from the CIFAR-10 speed records): each image gets a random fli
 the opposite of it in every odd epoch, so two consecutive epochs see both views exactly once
 instead of at random.
 
-Random-resized crops (photos, 64 px and up; the 32-px path keeps translate-and-flip): each image
+Random-resized crops (photos, 96 px and up by default; the 32-px path keeps translate-and-flip): each image
 gets its own box (area a share in [crop_scale, 1] of the image, aspect ratio in [1/crop_ratio,
 crop_ratio], as torchvision's RandomResizedCrop draws them) and the whole batch is resampled to
 its size in one `grid_sample` call, the flip folded into the same affine map.
