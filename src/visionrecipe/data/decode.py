@@ -218,7 +218,7 @@ def warn_skipped(skipped: list[tuple[str, str]]) -> None:
     """One warning per unreadable file, capped so a broken folder doesn't flood stderr."""
     for path, reason in skipped[:MAX_WARNINGS]:
         warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
-    if skipped:  # the count last, where a user reading the end of a long log sees it
+    if len(skipped) > 1:  # the count last, where a user reading a long log sees it (one is named above)
         more = f", {len(skipped) - MAX_WARNINGS} of them not named above" if len(skipped) > MAX_WARNINGS else ""
         warnings.warn(f"skipped {len(skipped)} unreadable image(s){more}; --strict makes them an error",
                       stacklevel=2)
