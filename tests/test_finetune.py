@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from visionrecipe.train import finetune
 
@@ -248,6 +249,26 @@ def test_imagenet_finetune_run_keeps_weights_preprocessing(fake_imagenet, tmp_pa
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["input_size"] == [3, 32, 32]
     assert meta["init_weights"] == "imagenet"
     assert json.loads((run.path / "eval.json").read_text())["num_images"] == 12
+
+
+def test_weights_imagenet_alone_is_transfer_first(fake_imagenet, tmp_path, capsys):
+    """--weights imagenet without --model: resnet18 at the weights' side and normalisation, the head alone
+    for the first epoch, then everything with the backbone at a tenth of the rate."""
+    cfg = config_for(weights="imagenet")
+    assert (cfg.model.model, cfg.model.unfreeze_after, cfg.model.backbone_lr_mult) == ("resnet18", 1, 0.1)
+    assert cfg.model.freeze_backbone and cfg.optim.recipe == "standard"
+    assert config_for(weights="imagenet", unfreeze_after=0).model.freeze_backbone is False  # 0: never frozen
+    assert config_for(weights="imagenet", backbone_lr_mult=1.0).model.backbone_lr_mult == 1.0  # given: kept
+    assert config_for(model="seedcnn").model.backbone_lr_mult == 1.0  # from scratch: one rate
+    run = train(data=str(write_blobs(tmp_path / "blobs", size=40, per_class=4)), weights="imagenet", epochs=2,
+                batch_size=4, image_size=40, out=str(tmp_path / "run"), **settings(tmp_path))
+    assert "epoch 2: backbone unfrozen" in capsys.readouterr().out
+    assert run.meta["architecture"] == "resnet18" and run.meta["mean"] == [0.485, 0.456, 0.406]
+    loaded = load_file(str(run.path / "last.safetensors"))  # after epoch 2 (the best may be epoch 1's)
+    # the backbone moved in epoch 2, at a tenth of the rate: one AdamW step of lr 1e-3 × 0.1 × the schedule
+    # moves a weight by about 5e-5 (at the full rate, 5e-4)
+    moved = (loaded["conv1.weight"] - fake_imagenet.state["conv1.weight"]).abs().max()
+    assert 0 < moved < 2e-4
 
 
 def test_offline_imagenet_is_one_line_naming_url_and_folder(monkeypatch):

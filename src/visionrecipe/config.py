@@ -61,6 +61,9 @@ class DataConfig:
     workers: int | None = opt(None, "processes for decoding images (default: all cores)", positive=True,
                               flag="--decode-workers")
     allow_outside_paths: bool = opt(False, "let a .csv manifest name images outside its own folder (../ or absolute paths)")
+    cache: str = opt("auto", "where the train images live while training: memory (copied to the device whole), disk "
+                             "(streamed from the record cache, batch by batch), auto (memory when they fit in half "
+                             "the free RAM and GPU memory)", choices=("memory", "disk", "auto"))
 
 
 @dataclass
@@ -71,8 +74,10 @@ class ModelConfig:
     head: str = opt("linear", "task head: linear or mlp:HIDDEN")
     weights: str | None = opt(None, "initial weights: imagenet, a run directory, a .safetensors or a state-dict file")
     freeze_backbone: bool = opt(False, "train only the head (backbone BatchNorm statistics stay fixed)")
-    unfreeze_after: int | None = opt(None, "unfreeze the backbone after this many epochs", minimum=0)
-    backbone_lr_mult: float = opt(1.0, "learning-rate multiplier for the backbone (discriminative LR)", minimum=0.0)
+    unfreeze_after: int | None = opt(None, "unfreeze the backbone after this many epochs (default with --weights "
+                                           "imagenet: 1, the head trains alone first; 0: never frozen)", minimum=0)
+    backbone_lr_mult: float | None = opt(None, "learning-rate multiplier for the backbone (discriminative LR; default "
+                                               "0.1 with --weights imagenet, else 1)", minimum=0.0)
     task: str = opt("multiclass", "multiclass (softmax) or multilabel (sigmoid + BCE, CSV manifest)", choices=("multiclass", "multilabel"))
     threshold: float = opt(0.5, "multilabel decision threshold", minimum=0.0)
 
@@ -108,6 +113,20 @@ class OptimConfig:
                                          "more, off below, where --crop-padding translates)", minimum=0.0)
     crop_ratio: float = opt(4 / 3, "random-resized crops: the widest aspect ratio drawn (the narrowest is its "
                                    "inverse)", minimum=1.0)
+    train_size: int | None = opt(None, "the side (px) training crops are resampled to at the end of training; "
+                                       "evaluation stays at --image-size (default: the budget policy's, else the "
+                                       "stored side)", positive=True)
+    train_size_start: int | None = opt(None, "progressive resizing: the training side at the first step, growing "
+                                             "to --train-size over the first 3/4 of the steps (default: the budget "
+                                             "policy's; equal to --train-size: no ramp)", positive=True)
+    auto_augment: str | None = opt(None, "trivial: TrivialAugment, one random op of torchvision's TrivialAugmentWide "
+                                         "per image (rotate, shear, colour, ...) at a random strength, on the device; "
+                                         "none: off (default: the recipe's, none)", choices=("none", "trivial"))
+    mixup: float = opt(0.0, "MixUp alpha: blend each batch with itself reversed, share ~ Beta(alpha, alpha), and "
+                            "the targets alike (e.g. 0.2); 0 = off", minimum=0.0)
+    cutmix: float = opt(0.0, "CutMix alpha: paste a box of the reversed batch, area ~ Beta(alpha, alpha), targets "
+                             "by the pasted area (e.g. 1.0); 0 = off; with --mixup each batch picks one", minimum=0.0)
+    mix_prob: float = opt(1.0, "share of the batches that --mixup/--cutmix mix, in [0, 1]", minimum=0.0)
     flip: bool | None = opt(None, "random horizontal flip (default on, except for digits, which a mirror changes)")
     alternate_flip: bool | None = opt(None, "flip each image on alternate epochs instead of at random")
     whiten: bool | None = opt(None, "initialise fastnet's first layer from data (patch whitening) and freeze it")

@@ -41,6 +41,7 @@ class Recipe:
     whiten: bool
     tta: bool
     model: str | None = None  # None: seedcnn (the recipe is for whichever --model is given)
+    auto_augment: str = "none"  # TrivialAugment off by both recipes; the budget policy turns it on for long runs
     # Not settings: how the recipe reads its lr, and its translate padding at 32×32 pixels, scaled
     # to the image size (4 px would wipe out an 8×8 digit).
     lr_per_1024: bool = False
@@ -95,6 +96,10 @@ SIZE_RULES = (
 )
 
 
+# The nets the fast recipe is tuned for: given by --model (or chosen by the policy), they keep it.
+OWN_NETS = ("fastnet", "photonet")
+
+
 def size_rule(image_size: int | None) -> SizeRule:
     """The rule for images of `image_size` px (None: not known yet, the small-image rule)."""
     return next(rule for rule in SIZE_RULES if (image_size or 0) >= rule.min_size)
@@ -105,18 +110,168 @@ def size_rule(image_size: int | None) -> SizeRule:
 CPU_FASTNET_WIDTH = 0.5
 
 
+# --- the budget policy: what a --time-budget buys, as data (train/plan.py measures and applies it) ---
+@dataclass(frozen=True)
+class Tier:
+    """One choice the budget policy can make: a net, its size options and the final training side."""
+
+    model: str
+    size: int | None = None  # final training side in px; None: the data's own (the small-image path)
+    width: float | None = None
+    depth: int | None = None
+
+    def describe(self) -> str:
+        options = [f"{k} {v:g}" for k, v in (("width", self.width), ("depth", self.depth)) if v is not None]
+        return self.model + (f" ({', '.join(options)})" if options else "")
+
+
+# Cheapest first; each costs more per image than the one before (img/s on 2 cores, one train step on
+# random data, batch 256 at 32 px / 128 for photos: BENCHMARKS.md, "Budget policy").
+SMALL_TIERS = (  # fastnet at the data's side: width is the lever (1,272 / 674 / 411 img/s at 32 px)
+    Tier("fastnet", width=0.5), Tier("fastnet", width=0.75), Tier("fastnet", width=1.0),
+)
+PHOTO_TIERS = (  # photonet: the training side first, then depth (1,193 / 513 / 275 / 181 / 124 img/s ...)
+    Tier("photonet", 64), Tier("photonet", 96), Tier("photonet", 112), Tier("photonet", 128),
+    Tier("photonet", 128, depth=2), Tier("photonet", 160, depth=2), Tier("photonet", 192, depth=2),
+    Tier("photonet", 224, depth=2),
+)
+# The policy takes the costliest tier that still affords this many epochs in the budget: fewer
+# epochs of a bigger model lost to more epochs of a smaller one in the measurements (a from-scratch
+# photo net needs more passes than CIFAR's whitened fastnet).
+MIN_EPOCHS = {"fastnet": 8.0, "photonet": 16.0}
+# A whole run's images/s as a share of the probe's (augmentation, EMA, validation, TTA): measured,
+# fastnet 1,253 of 1,272 on CIFAR-10; photonet 167 of 275 at 128 px on Imagenette.
+RUN_EFFICIENCY = {"fastnet": 0.95, "photonet": 0.6}
+# Progressive resizing (photos): the training side starts at PROGRESSIVE_START × the final side and
+# grows linearly to it over the first PROGRESSIVE_RAMP of the steps (multiples of SIDE_STEP px);
+# evaluation is at FIXRES × the final side ("FixRes": random-resized crops zoom in, so objects look
+# bigger in training than in a whole centred image of the same side).
+PROGRESSIVE_START = 0.75
+PROGRESSIVE_RAMP = 0.75
+SIDE_STEP = 16
+FIXRES = 1.15
+# Photo batch: the largest power of two in [32, 512] that still gives the run this many optimizer
+# steps (a few thousand photos at batch 512 are 16 steps an epoch: far too few updates).
+PHOTO_MIN_STEPS = 1000
+# `train --data PHOTOS` with neither --epochs nor --time-budget trains this long (seconds): minutes on
+# a laptop-class CPU, whatever the folder's size.
+DEFAULT_PHOTO_BUDGET = 240.0
+
+
+def photo_data(side: int | None) -> bool:
+    """Whether images of this stored (or native) side take the photo path (photonet, crops)."""
+    return size_rule(side).model == "photonet"
+
+
+def training_side(final: int, start: int, step: int, total_steps: int) -> int:
+    """The training side at `step` of `total_steps`: `start` growing linearly to `final` over the first
+    PROGRESSIVE_RAMP of the steps, in multiples of SIDE_STEP (a handful of shapes, each compiled once)."""
+    if start >= final or total_steps <= 0:
+        return final
+    progress = min(1.0, step / max(1.0, PROGRESSIVE_RAMP * total_steps))
+    side = start + (final - start) * progress
+    return min(final, max(start, int(side // SIDE_STEP) * SIDE_STEP))
+
+
+def progressive_start(final: int) -> int:
+    """The first training side of a progressive run that ends at `final` px."""
+    return max(SIDE_STEP, int(PROGRESSIVE_START * final // SIDE_STEP) * SIDE_STEP)
+
+
+def eval_side(final: int, native: int | None) -> int:
+    """The evaluation (and storage) side for a final training side: FIXRES above it, never above
+    the images' own side."""
+    side = int(round(FIXRES * final / 8)) * 8
+    return min(side, native) if native else side
+
+
+def progressive_cost(final: int, start: int, samples: int = 1000) -> float:
+    """A progressive run's mean cost per image as a share of training at `final` throughout
+    (cost ∝ side²)."""
+    return sum((training_side(final, start, i, samples) / final) ** 2 for i in range(samples)) / samples
+
+
+def usable_tiers(tiers: tuple[Tier, ...], native: int | None) -> list[Tier]:
+    """The tiers that do not train above the images' own side (at least the cheapest)."""
+    return [t for t in tiers if t.size is None or native is None or t.size <= native] or [tiers[0]]
+
+
+def run_speed(tier: Tier, probe_speed: float) -> float:
+    """A whole run's images/s from a probe's at the final side: RUN_EFFICIENCY, and the cheaper
+    early steps of progressive resizing."""
+    cost = progressive_cost(tier.size, progressive_start(tier.size)) if tier.size else 1.0
+    return probe_speed * RUN_EFFICIENCY.get(tier.model, 1.0) / cost
+
+
+def afforded_epochs(tier: Tier, probe_speed: float, n_train: int, budget: float) -> float:
+    """Epochs of n_train images that `budget` seconds buy at the tier's probed speed."""
+    return budget * run_speed(tier, probe_speed) / max(1, n_train)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the budget policy chose, and from what (plan_tier's output)."""
+
+    tier: Tier
+    image_size: int | None  # stored and evaluated side (None: the data's own)
+    train_size: int | None  # final training side (None: the stored side)
+    train_size_start: int | None  # progressive resizing's first side (None: no ramp)
+    batch_size: int | None  # None: the recipe's
+    epochs: float  # the epochs the budget affords at the tier's speed
+    images_per_second: float  # the tier's expected speed for a whole run
+    reason: str
+
+
+def plan_tier(tiers: tuple[Tier, ...], n_train: int, native: int | None, budget: float,
+              speeds: dict[Tier, float]) -> Plan:
+    """The costliest tier that affords MIN_EPOCHS in `budget` seconds, else the cheapest: a pure
+    function of the data (count, native side), the measured `speeds` (training images/s of one probe
+    step per tier, at the tier's final side) and the budget, so the same inputs give the same plan.
+    Photo tiers above the images' own side are skipped."""
+    usable = usable_tiers(tiers, native)
+    chosen = usable[0]
+    for tier in usable:
+        if afforded_epochs(tier, speeds[tier], n_train, budget) >= MIN_EPOCHS.get(tier.model, 8.0):
+            chosen = tier
+    epochs = afforded_epochs(chosen, speeds[chosen], n_train, budget)
+    speed = run_speed(chosen, speeds[chosen])
+    start = progressive_start(chosen.size) if chosen.size else None
+    need = MIN_EPOCHS.get(chosen.model, 8.0)
+    why = (f"the costliest of {len(usable)} choices that affords {need:g} epochs" if epochs >= need
+           else f"the cheapest choice; even it affords under {need:g} epochs")
+    batch = None
+    if chosen.size is not None:  # photos: enough optimizer steps, whatever the folder's size
+        batch = 512
+        while batch > 32 and budget * speed / batch < PHOTO_MIN_STEPS:
+            batch //= 2
+    image_size = eval_side(chosen.size, native) if chosen.size else None
+    return Plan(chosen, image_size, chosen.size, start, batch, epochs, speed, why)
+
+
 def copy_config(cfg: Config, **settings) -> Config:
     """A new Config: `cfg` with `settings` (flat names) changed; `cfg` itself is untouched."""
     return apply_overrides(Config.from_dict(cfg.to_dict()), settings)
+
+
+# Transfer first: `--weights imagenet` without --model fine-tunes this backbone (published weights,
+# 11 M parameters: fine-tunes on a CPU); the head trains alone for TRANSFER_HEAD_EPOCHS, then the whole
+# net with the backbone's rate × TRANSFER_BACKBONE_LR (discriminative rates, as fastai's fine_tune).
+# Weights from a run or a file of the user's (often the same domain) are fine-tuned whole, at one rate.
+TRANSFER_MODEL = "resnet18"
+TRANSFER_HEAD_EPOCHS = 1
+TRANSFER_BACKBONE_LR = 0.1
 
 
 def resolve_recipe(cfg: Config, image_size: int | None = None) -> Config:
     """Fill every None field from the recipe; returns a new Config, the input is unchanged.
     `image_size` (the data's, once known) picks the fast recipe's model and crops (SIZE_RULES)."""
     cfg = copy_config(cfg)
+    if cfg.model.weights == "imagenet" and cfg.model.model is None:
+        cfg.model.model = TRANSFER_MODEL
     if cfg.optim.recipe is None:
-        cfg.optim.recipe = "fast" if cfg.model.model in (None, "fastnet") else "standard"
-    rule = size_rule(image_size)
+        cfg.optim.recipe = "fast" if cfg.model.model in (None, *OWN_NETS) else "standard"
+    # photonet keeps its own rule (crops, lr) at any side: the budget policy may train it at 64 px.
+    rule = SIZE_RULES[0] if cfg.model.model == SIZE_RULES[0].model else size_rule(image_size)
     if cfg.optim.recipe == "fast" and cfg.model.model is None:
         cfg.model.model = rule.model
     if cfg.optim.crop_scale is None:
@@ -141,7 +296,14 @@ def resolve_recipe(cfg: Config, image_size: int | None = None) -> Config:
         cfg.optim.whiten = False
     if cfg.model.weights:
         cfg.optim.whiten = False  # the loaded whitening layer is what the loaded blocks expect
-    if cfg.model.unfreeze_after is not None:
+    published = cfg.model.weights == "imagenet"  # a run or file of the user's own is fine-tuned whole
+    if published and not cfg.model.freeze_backbone and cfg.model.unfreeze_after is None:
+        cfg.model.unfreeze_after = TRANSFER_HEAD_EPOCHS
+    if cfg.model.backbone_lr_mult is None:
+        cfg.model.backbone_lr_mult = TRANSFER_BACKBONE_LR if published else 1.0
+    if cfg.model.unfreeze_after == 0:
+        cfg.model.unfreeze_after = None  # never frozen
+    elif cfg.model.unfreeze_after is not None:
         cfg.model.freeze_backbone = True  # "unfreeze after N epochs" implies frozen until then
     return cfg
 

@@ -22,6 +22,15 @@ When the readable files' records are one contiguous run in listing order (always
 fresh decode or a compaction) ``images`` is a tensor over the map: opening a cache reads
 nothing, and ``.to(device)`` copies as for any CPU tensor. Otherwise the records are
 gathered into memory in listing order.
+
+``--cache disk`` (or ``auto`` when the data would not fit comfortably in free memory) keeps
+them on disk instead: ``images`` is a ``MappedImages``, the rows of the record file that
+every read fetches with positional reads (sorted, one system call per run of neighbouring
+records), so a split of any size costs no memory until a batch of it is read::
+
+    plan = CachePlan("auto", device_free=None)      # free GPU bytes too when CUDA trains
+    plan.decide(n_images, (3, 64, 64))              # ("memory" | "disk", the reason), or a one-line error
+    images = MappedImages(path, (3, 64, 64), rows)  # images[index] → uint8 tensor; images.subset(rows)
 """
 
 from __future__ import annotations
@@ -47,11 +56,12 @@ MIN_FREE = 256 * 2**20  # bytes left over after the cache: a full disk breaks ev
 
 @dataclass
 class Loaded:
-    images: torch.Tensor  # uint8 N×C×H×W, readable files only, listing order
+    images: "torch.Tensor | MappedImages"  # uint8 N×C×H×W, readable files only, listing order
     kept: torch.Tensor  # bool, one per listed file
     skipped: list[tuple[str, str]]  # (absolute path, reason) of the unreadable files
     seconds: float  # spent decoding (0 when nothing was decoded)
     decoded: int  # files decoded by this call
+    cache: tuple[str, str] = ("memory", "")  # CachePlan.decide's (memory | disk, why)
 
 
 def cache_key(source: str, image_size: int | None) -> str:
@@ -65,18 +75,216 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def free_memory() -> int:
+    """RAM this process could still take without swapping, in bytes (tests replace this to
+    simulate a small machine): the kernel's MemAvailable (page cache it can drop counts as free),
+    else psutil's, else the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
+
+
+# auto keeps the images in memory only when they take at most this share of what is free: the
+# model, the float batches and the rest of the machine need the remainder.
+COMFORTABLE_SHARE = 0.5
+
+
+@dataclass
+class CachePlan:
+    """Where the decoded images live while a run trains: --cache memory, disk or auto."""
+
+    cache: str = "auto"
+    device_free: int | None = None  # free bytes of the training GPU, which holds the train split when resident
+
+    def decide(self, images: int, shape) -> tuple[str, str]:
+        """("memory" or "disk", why) for `images` records of C×H×W `shape`, before any is decoded;
+        --cache memory that cannot fit is a one-line error with the numbers."""
+        need = images * int(np.prod(shape))
+        room = [("RAM", free_memory())] + ([("GPU memory", self.device_free)] if self.device_free is not None else [])
+        size = f"{images:,} images of {'x'.join(map(str, shape))} are {_size(need)}"
+        where, free = min(room, key=lambda item: item[1])
+        if self.cache == "disk":
+            return "disk", f"--cache disk: {size}, read batch by batch ahead of the step"
+        if self.cache == "memory":
+            if need > free:
+                raise VisionRecipeError(f"--cache memory: {size} but only {_size(free)} of {where} is free (use "
+                                        "--cache disk or auto to stream them from disk, or a smaller --image-size)")
+            return "memory", f"--cache memory: {size}, {_size(free)} of {where} free"
+        if self.cache != "auto":
+            raise VisionRecipeError(f"--cache is memory, disk or auto, got {self.cache!r}")
+        if need <= COMFORTABLE_SHARE * free:
+            return "memory", f"auto: {size}, within half the {_size(free)} of {where} free"
+        return "disk", f"auto: {size}, more than half the {_size(free)} of {where} free: read batch by batch"
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 1e8:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.0f} kB"
+
+
+class MappedImages:
+    """The rows of a record file as a split's images, read on demand (--cache disk).
+
+        images = MappedImages(path, (3, 64, 64), rows)   # rows: record numbers, in the split's order
+        images.shape, len(images)                  # (N, 3, 64, 64), N: nothing read
+        images[index]                              # uint8 tensor, read now (index: tensor, array, slice, int)
+        images.read(index, out, at)                # into rows `at` of a preallocated (pinned) tensor
+        images.subset(indices)                     # a smaller MappedImages: nothing read
+
+    Positional reads (os.preadv), not the map: pages read through a map stay in the process's
+    resident memory until the kernel is pressed, so a streamed epoch over a 30 GB cache would
+    show a 30 GB RSS; read this way they sit only in the page cache, which the kernel drops
+    freely. Each read sorts the records and reads each run of neighbouring ones in one call,
+    straight into its rows of the result (no un-permuting copy)."""
+
+    dtype = torch.uint8
+
+    def __init__(self, path, shape, rows):
+        self.path = str(path)
+        self.record_shape = tuple(int(v) for v in shape)
+        self.record_bytes = int(np.prod(self.record_shape))
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        self._fd = self._open()  # one descriptor, shared by the reader threads (preadv keeps no offset)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.record_shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def dim(self) -> int:
+        return 4
+
+    def numel(self) -> int:
+        return len(self.rows) * self.record_bytes
+
+    def __getstate__(self):  # another process opens the file itself
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fd = self._open()
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def subset(self, indices) -> "MappedImages":
+        return MappedImages(self.path, self.record_shape, self.rows[_positions(indices, len(self.rows))])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)):
+            return self.read([int(key)])[0]
+        return self.read(_positions(key, len(self.rows)))
+
+    def __iter__(self):
+        step = max(1, READ_CHUNK_BYTES // self.record_bytes)
+        for start in range(0, len(self), step):
+            yield from self[start:start + step]
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        """The whole split read into memory (then moved as `Tensor.to` moves it)."""
+        return self[:].to(*args, **kwargs)
+
+    def read(self, indices, out: torch.Tensor | None = None, at=None) -> torch.Tensor:
+        """Images `indices` (positions in this split) as uint8, into `out`'s rows `at` (default:
+        a new tensor, rows in the order of `indices`)."""
+        rows = self.rows[_positions(indices, len(self.rows))]
+        if out is None:
+            out = torch.empty((len(rows), *self.record_shape), dtype=torch.uint8)
+        at = np.arange(len(rows)) if at is None else np.asarray(at, dtype=np.int64)
+        if not len(rows):
+            return out
+        target = out.numpy().reshape(len(out), self.record_bytes)  # a view: reads land in `out`
+        order = np.argsort(rows, kind="stable")
+        rows, at = rows[order], at[order]
+        # Runs of consecutive records (a repeated record starts a run of its own), at most
+        # IOV_MAX buffers per call.
+        starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)
+        bounds = np.append(starts, len(rows))
+        fd = self._fd
+        for first, stop in zip(bounds[:-1], bounds[1:]):
+            for lo in range(first, stop, IOV_MAX):
+                hi = min(stop, lo + IOV_MAX)
+                _read_exact(fd, [target[i] for i in at[lo:hi]], int(rows[lo]) * self.record_bytes, self.path)
+        return out
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise VisionRecipeError(f"cannot read the image cache {self.path}: {exc.strerror}") from None
+
+
+def cat_images(parts: list) -> "torch.Tensor | MappedImages":
+    """`parts`' images one after the other: splits of one record file stay on disk (their rows
+    joined, nothing read), tensors are concatenated."""
+    if all(isinstance(p, MappedImages) for p in parts) and len({(p.path, p.record_shape) for p in parts}) == 1:
+        return MappedImages(parts[0].path, parts[0].record_shape, np.concatenate([p.rows for p in parts]))
+    return torch.cat([p if isinstance(p, torch.Tensor) else p[:] for p in parts])
+
+
+READ_CHUNK_BYTES = 16 * 2**20  # iterating a MappedImages reads this much per call
+IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
+
+
+def _positions(key, n: int) -> np.ndarray:
+    """An index (slice, tensor, array, list) as int64 positions in 0..n-1, as torch would index."""
+    if isinstance(key, slice):
+        return np.arange(n)[key]
+    if isinstance(key, torch.Tensor):
+        key = key.detach().cpu().numpy()
+    positions = np.asarray(key).reshape(-1)
+    if positions.dtype == bool:
+        return np.flatnonzero(positions)
+    positions = positions.astype(np.int64)
+    return np.where(positions < 0, positions + n, positions)
+
+
+def _read_exact(fd: int, buffers: list, offset: int, path: str) -> None:
+    """Fill `buffers` from the file at `offset`; the kernel may return less than asked (go on
+    from there), and nothing at all means the file is shorter than the manifest says."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    while views:
+        got = os.preadv(fd, views, offset)
+        if got <= 0:
+            raise VisionRecipeError(f"the image cache {path} is shorter than its manifest says; delete it to "
+                                    "decode again")
+        offset += got
+        while views and got >= len(views[0]):
+            got -= len(views.pop(0))
+        if got:
+            views[0] = views[0][got:]
+
+
 def load_records(root: Path, relpaths: list[str], stats: list[tuple[int, int]], *, source: str, data_dir: Path,
-                 image_size: int | None, progress: bool, workers: int | None, desc: str) -> Loaded:
+                 image_size: int | None, progress: bool, workers: int | None, desc: str,
+                 plan: CachePlan | None = None) -> Loaded:
     """Serve relpaths (with their (size, mtime_ns)) from the cache, decoding only what it lacks.
 
     With no image_size, the storage size comes from the files' headers (decode.choose_image_size:
-    their own size when all are the same square, else the median shorter side, said in one line)."""
+    their own size when all are the same square, else the median shorter side, said in one line).
+    `plan` (default: memory) decides, before anything is decoded, whether `images` is read into
+    memory or stays on disk as MappedImages."""
     if image_size is None:
         image_size, note = decode.choose_image_size([os.path.join(root, rel) for rel in relpaths])
         if note:
             from visionrecipe.system import warn
 
             warn(f"{source}: {note}")
+    shape = (3, image_size, image_size) if image_size else _probe_shape([os.path.join(root, r) for r in relpaths])
+    cache = (plan or CachePlan("memory")).decide(len(relpaths), shape)  # before anything is decoded
     store = RecordStore(data_dir / "records" / cache_key(source, image_size))
     with store.locked():
         state = store.open(source=source, image_size=image_size)
@@ -104,12 +312,15 @@ def load_records(root: Path, relpaths: list[str], stats: list[tuple[int, int]], 
     entries = [state.files[rel][2] for rel in relpaths]
     kept = np.array([isinstance(e, int) for e in entries], dtype=bool)
     rows = np.array([e for e in entries if isinstance(e, int)], dtype=np.int64)
+    skipped = [(os.path.join(root, rel), e) for rel, e in zip(relpaths, entries) if not isinstance(e, int)]
+    if cache[0] == "disk" and len(rows):
+        images = MappedImages(store.dir / state.data, state.shape, rows)
+        return Loaded(images, torch.from_numpy(kept), skipped, seconds, len(todo), cache)
     if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
         images = records[rows[0] : rows[-1] + 1]  # still the map: nothing read
     else:
         images = records[rows] if len(rows) else np.zeros((0, 3, image_size or 0, image_size or 0), np.uint8)
-    skipped = [(os.path.join(root, rel), e) for rel, e in zip(relpaths, entries) if not isinstance(e, int)]
-    return Loaded(torch.from_numpy(images), torch.from_numpy(kept), skipped, seconds, len(todo))
+    return Loaded(torch.from_numpy(images), torch.from_numpy(kept), skipped, seconds, len(todo), cache)
 
 
 def _decode_into(store: RecordStore, state: State, root: Path, files: list[tuple[str, int, int]],

@@ -70,6 +70,24 @@ def read_image(path_or_bytes, *, image_size: int | None, channels: int = 3) -> t
     return torch.from_numpy(np.array(array, order="C"))
 
 
+def probe_shapes(paths: list[str]) -> list[tuple[int, int]]:
+    """(width, height) from the headers of up to SIZE_PROBES files evenly spaced over `paths`."""
+    step = max(1, len(paths) // SIZE_PROBES)
+    shapes = []
+    for path in paths[::step][:SIZE_PROBES]:
+        try:
+            shapes.append(image_shape(path))
+        except Exception:  # unreadable files are the decoder's to report
+            continue
+    return shapes
+
+
+def median_shorter_side(paths: list[str]) -> int | None:
+    """The median shorter side of the probed files' headers (None: none readable)."""
+    shorter = sorted(min(shape) for shape in probe_shapes(paths))
+    return shorter[len(shorter) // 2] if shorter else None
+
+
 def choose_image_size(paths: list[str], limit: int = MAX_CHOSEN_SIZE) -> tuple[int | None, str | None]:
     """(storage size, a one-line note or None) for files decoded without --image-size.
 
@@ -79,13 +97,7 @@ def choose_image_size(paths: list[str], limit: int = MAX_CHOSEN_SIZE) -> tuple[i
     square, that size (nothing is resized); otherwise the median shorter side, at most `limit`,
     and the note says so. Images the sample missed are resized to it like any other.
     """
-    step = max(1, len(paths) // SIZE_PROBES)
-    shapes = []
-    for path in paths[::step][:SIZE_PROBES]:
-        try:
-            shapes.append(image_shape(path))
-        except Exception:  # unreadable files are the decoder's to report
-            continue
+    shapes = probe_shapes(paths)
     if not shapes:
         return None, None
     if len(set(shapes)) == 1 and shapes[0][0] == shapes[0][1]:

@@ -6,6 +6,7 @@ Usage::
 
     data = load_dataset("~/pets", image_size=64, val_fraction=0.1, seed=0)
     mean, std = channel_stats(data.train.images)    # 0–1 units, for normalisation
+    data = load_dataset("~/pets", cache="disk")     # splits stay on disk: data.train.images is MappedImages
 
 A named dataset (digits, CIFAR) or an extracted CIFAR folder is read as tensors; a .csv is a
 multilabel manifest (manifest.py); any other folder is a folder of class subfolders (folder.py).
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from visionrecipe.data.cache import CachePlan, MappedImages
 from visionrecipe.data.cifar import cifar_kind, find_cifar, read_cifar_folder
 from visionrecipe.data.decode import check_image_size, resize_images
 from visionrecipe.data.folder import load_folder
@@ -43,17 +45,23 @@ def load_dataset(
     progress: bool = True,
     workers: int | None = None,
     allow_outside_paths: bool = False,
+    cache: str = "auto",
+    device_free: int | None = None,
 ) -> Dataset:
     """Load the dataset a --data spec names; every user error is a one-line VisionRecipeError.
 
     allow_outside_paths: a .csv manifest may name images outside its own folder (../, absolute).
+    cache: memory, disk or auto (--cache), decided before decoding from the images' size, the
+    free RAM and `device_free` (the training GPU's free bytes); Dataset.cache says what was chosen.
+    A folder or manifest kept on disk has MappedImages splits; digits and CIFAR are small
+    tensors in RAM either way (on disk they are fed to the device batch by batch as well).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise VisionRecipeError(f"empty --data spec: expected {', '.join(NAMED_DATASETS)} or a folder")
     check_image_size(image_size)
     val_fraction = check_fraction(val_fraction)
     data_dir = Path(data_dir).expanduser()
-    options = dict(val_fraction=val_fraction, seed=seed)
+    options = dict(val_fraction=val_fraction, seed=seed, plan=CachePlan(cache, device_free))
     if spec in NAMED_DATASETS:
         return _load_named(spec, data_dir, image_size, options)
     path = Path(spec).expanduser()
@@ -72,6 +80,30 @@ def load_dataset(
     raise VisionRecipeError(
         f"unknown dataset '{spec}': expected digits, cifar10, cifar100, or a folder of class subfolders"
     )
+
+
+# Training images and side of the named datasets (digits: 1,797 less the test quarter).
+NAMED_SIZES = {"digits": (1347, 8), "cifar10": (50000, 32), "cifar100": (50000, 32)}
+
+
+def describe_dataset(spec: str) -> tuple[int, int | None] | None:
+    """(training images, median shorter side in px) of a --data spec, without decoding anything:
+    what the budget policy (train/plan.py) needs to choose a resolution before the data is stored.
+    None for what it cannot describe cheaply (a CSV manifest, a spec that does not exist yet:
+    loading it says what is wrong)."""
+    if spec in NAMED_SIZES:
+        return NAMED_SIZES[spec]
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    if cifar_kind(path) is not None:
+        return NAMED_SIZES["cifar10"]
+    from visionrecipe.data.folder import describe_folder
+
+    try:
+        return describe_folder(path)
+    except VisionRecipeError:
+        return None  # loading the folder reports the problem, in its words
 
 
 def _load_named(spec: str, data_dir: Path, image_size: int | None, options: dict) -> Dataset:
@@ -94,16 +126,19 @@ def _finish_tensors(spec, classes, train, test, image_size, started, options) ->
     """Tensor datasets (digits, CIFAR): optional resize, then the shared split rules."""
     splits = [Split(resize_images(x, image_size).contiguous(), y.contiguous()) for x, y in (train, test)]
     seconds = time.perf_counter() - started
-    return finish_dataset(spec, classes, *splits, decode_seconds=seconds, **options)
+    plan = options.pop("plan")
+    cache = plan.decide(len(splits[0]) + len(splits[1]), tuple(splits[0].images.shape[1:]))
+    return finish_dataset(spec, classes, *splits, decode_seconds=seconds, cache=cache, **options)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (population) of uint8 N×C×H×W images, in 0–1 units.
 
     Works through chunks of about 4M values so 50,000 CIFAR images never get a float
-    copy all at once; sums are float64, exact for integer pixels at this scale.
+    copy all at once (and a split on disk, MappedImages, is read one chunk at a time);
+    sums are float64, exact for integer pixels at this scale.
     """
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+    if not isinstance(images, (torch.Tensor, MappedImages)) or images.dtype != torch.uint8 or images.dim() != 4:
         raise VisionRecipeError("channel_stats expects a uint8 N×C×H×W tensor")
     if images.numel() == 0:
         raise VisionRecipeError("channel_stats needs at least one non-empty image")

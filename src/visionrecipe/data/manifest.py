@@ -100,7 +100,7 @@ def confined_relpaths(path: Path, files: list[str], allow_outside_paths: bool = 
     return relpaths
 
 
-def _decode(path: Path, relpaths: list[str], data_dir: Path, image_size, progress, workers):
+def _decode(path: Path, relpaths: list[str], data_dir: Path, image_size, progress, workers, plan):
     """(images, kept mask, skipped, decode seconds, from cache), through the disk cache."""
     root = path.parent
     paths = [os.path.join(root, p) for p in relpaths]
@@ -113,12 +113,12 @@ def _decode(path: Path, relpaths: list[str], data_dir: Path, image_size, progres
             stats.append((-1, -1))
     # Keyed by the manifest, not its folder: a folder dataset there lists other files.
     loaded = load_records(root, relpaths, stats, source=str(path), data_dir=data_dir, image_size=image_size,
-                          progress=progress, workers=workers, desc=f"decoding {root.name}")
-    return loaded.images, loaded.kept, loaded.skipped, loaded.seconds, loaded.decoded == 0
+                          progress=progress, workers=workers, desc=f"decoding {root.name}", plan=plan)
+    return loaded.images, loaded.kept, loaded.skipped, loaded.seconds, loaded.decoded == 0, loaded.cache
 
 
 def load_manifest(spec: str, path: Path, *, data_dir: Path, image_size, val_fraction, seed, strict,
-                  progress, workers, allow_outside_paths: bool = False) -> Dataset:
+                  progress, workers, allow_outside_paths: bool = False, plan=None) -> Dataset:
     """Read a manifest and its images into a Dataset whose labels are multi-hot.
 
     The keyword arguments are load_dataset's, already validated, passed straight through.
@@ -132,7 +132,8 @@ def load_manifest(spec: str, path: Path, *, data_dir: Path, image_size, val_frac
     if not classes:
         raise VisionRecipeError(f"manifest {path} names no labels (the second column, ';'-separated)")
     relpaths = confined_relpaths(path, files, allow_outside_paths)
-    images, kept, skipped, seconds, from_cache = _decode(path, relpaths, data_dir, image_size, progress, workers)
+    images, kept, skipped, seconds, from_cache, cache = _decode(path, relpaths, data_dir, image_size, progress,
+                                                                 workers, plan)
     if strict and skipped:
         bad, reason = skipped[0]
         raise VisionRecipeError(f"unreadable image {bad}: {reason}"
@@ -149,7 +150,8 @@ def load_manifest(spec: str, path: Path, *, data_dir: Path, image_size, val_frac
         raise VisionRecipeError(f"manifest {path} leaves no {'training' if len(train) == 0 else 'test'} images")
     val_source = "none" if val is None else ("folder" if splits and "val" in splits else "carved")
     return Dataset(spec=spec, classes=classes, train=train, val=val, test=test, val_source=val_source,
-                   skipped=list(skipped), decode_seconds=seconds, from_cache=from_cache)
+                   skipped=list(skipped), decode_seconds=seconds, from_cache=from_cache, cache=cache[0],
+                   cache_reason=cache[1])
 
 
 def _splits(everything: Split, splits: list[str] | None, val_fraction: float, seed: int):

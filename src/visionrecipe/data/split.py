@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from visionrecipe.data.cache import MappedImages
 from visionrecipe.errors import VisionRecipeError
 
 
@@ -28,7 +29,7 @@ from visionrecipe.errors import VisionRecipeError
 class Split:
     """One split as tensors, ready to move to a device as a whole."""
 
-    images: torch.Tensor  # uint8, N×C×H×W, contiguous, CPU
+    images: torch.Tensor  # uint8, N×C×H×W, contiguous, CPU; a cache.MappedImages when streamed (--cache disk)
     labels: torch.Tensor  # int64, N
     paths: list[str] | None = None  # source file of each image when read from files
 
@@ -49,6 +50,8 @@ class Dataset:
     skipped: list[tuple[str, str]]  # (path, reason) for unreadable image files
     decode_seconds: float  # time spent decoding (0 when served from cache)
     from_cache: bool
+    cache: str = "memory"  # where the images live while training: "memory" or "disk" (--cache, resolved)
+    cache_reason: str = ""  # why (cache.CachePlan.decide), for the run's first log line
 
 
 def check_fraction(fraction: float, name: str = "val_fraction") -> float:
@@ -96,16 +99,19 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 
 def subset(split: Split, indices: torch.Tensor) -> Split:
-    """The rows ``indices`` of a split; a contiguous range stays a view (no copy)."""
+    """The rows ``indices`` of a split; a contiguous range stays a view (no copy), and rows of
+    a split on disk stay on disk (nothing is read)."""
     indices = torch.as_tensor(indices, dtype=torch.int64)
     n = len(indices)
-    if n and int(indices[-1]) - int(indices[0]) == n - 1 and bool((indices.diff() == 1).all()):
+    if isinstance(split.images, MappedImages):
+        images, labels = split.images.subset(indices), split.labels[indices]
+    elif n and int(indices[-1]) - int(indices[0]) == n - 1 and bool((indices.diff() == 1).all()):
         start, stop = int(indices[0]), int(indices[-1]) + 1
         images, labels = split.images[start:stop], split.labels[start:stop]
     else:
         images, labels = split.images[indices], split.labels[indices]
     paths = [split.paths[i] for i in indices.tolist()] if split.paths is not None else None
-    return Split(images.contiguous(), labels.contiguous(), paths)
+    return Split(images if isinstance(images, MappedImages) else images.contiguous(), labels.contiguous(), paths)
 
 
 def finish_dataset(
@@ -120,6 +126,7 @@ def finish_dataset(
     skipped: list[tuple[str, str]] | None = None,
     decode_seconds: float = 0.0,
     from_cache: bool = False,
+    cache: tuple[str, str] = ("memory", ""),
 ) -> Dataset:
     """Apply the validation rules and wrap everything into a Dataset."""
     if len(train) == 0:
@@ -148,4 +155,6 @@ def finish_dataset(
         skipped=list(skipped or []),
         decode_seconds=float(decode_seconds),
         from_cache=from_cache,
+        cache=cache[0],
+        cache_reason=cache[1],
     )

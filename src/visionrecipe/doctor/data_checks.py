@@ -22,22 +22,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visionrecipe.data.cache import cat_images
 from visionrecipe.doctor.checks import Check, timed
 
 NEAR_MAD = 2.5  # mean |pixel difference| (0–255) below which two images count as one; JPEG re-saves land ~1–2
 CANDIDATES = 8  # members of a hash bucket compared against: bounds the work on blank-image buckets
 LEAK_FAIL = 0.01  # fraction of test images copied from train that fails the check
 HEADER_SAMPLE = 2000  # image files whose headers are read for the size survey
+HASH_CHUNK = 4096  # images hashed at a time
 
 
 def image_hashes(images: torch.Tensor) -> tuple[list[bytes], list[int]]:
-    """(exact keys, 64-bit dHashes) of uint8 N×C×H×W images."""
-    exact = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in images]
-    grey = images.float().mean(1, keepdim=True)
-    mode = "area" if grey.shape[-1] >= 9 and grey.shape[-2] >= 8 else "bilinear"
-    thumb = F.interpolate(grey, size=(8, 9), mode=mode)
-    bits = (thumb[..., 1:] > thumb[..., :-1]).flatten(1).numpy()
-    perceptual = np.packbits(bits, axis=1).view(">u8").reshape(-1).tolist()
+    """(exact keys, 64-bit dHashes) of uint8 N×C×H×W images (a tensor, or MappedImages on disk),
+    HASH_CHUNK images at a time: the float copy is a chunk's, never the whole split's."""
+    exact, perceptual = [], []
+    for start in range(0, len(images), HASH_CHUNK):
+        chunk = images[start:start + HASH_CHUNK]
+        exact += [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in chunk]
+        grey = chunk.float().mean(1, keepdim=True)
+        mode = "area" if grey.shape[-1] >= 9 and grey.shape[-2] >= 8 else "bilinear"
+        thumb = F.interpolate(grey, size=(8, 9), mode=mode)
+        bits = (thumb[..., 1:] > thumb[..., :-1]).flatten(1).numpy()
+        perceptual += np.packbits(bits, axis=1).view(">u8").reshape(-1).tolist()
     return exact, perceptual
 
 
@@ -167,8 +173,8 @@ def check_leakage(test: torch.Tensor, train: torch.Tensor) -> Check:
 def data_checks(dataset) -> list[Check]:
     """Every data check on a loaded Dataset; the train pool includes a carved validation split."""
     pool = dataset.train.images
-    if dataset.val is not None:
-        pool = torch.cat([pool, dataset.val.images])
+    if dataset.val is not None:  # on disk (--cache disk) the pool stays there
+        pool = cat_images([pool, dataset.val.images])
     total = len(pool) + len(dataset.test)
     runs = [
         lambda: check_class_balance(dataset.train.labels, dataset.classes),

@@ -58,7 +58,7 @@ def prepare(cfg: Config, device: str = "auto", progress: bool = False) -> BuiltR
     if cfg.model.task != "multiclass":
         raise VisionRecipeError("doctor checks single-label (multiclass) training; --task multilabel is not supported")
     device_t = select_device(device)
-    data = load_data(resolve(cfg, device_t.type), progress=progress)
+    data = load_data(resolve(cfg, device_t.type), progress=progress, device=device_t)
     # Small images make each op too small to split: on two busy cores a second thread made the
     # doctor ten times slower (spinning at barriers). Large images get the trainer's default.
     # run_doctor gives the process its threads back when it is done.
@@ -119,7 +119,7 @@ def model_checks(run: BuiltRun, out: Path, emit: Callable[[Check], None]) -> lis
     rows = [i for row in class_samples(run.labels.cpu(), len(classes), per_class=2, seed=seed) for i in row]
     small = torch.tensor(rows, device=run.device)
     torch.manual_seed(seed)
-    add(lambda: check_overfit_batch(fresh_model(), run.augment.normalise(run.images[small]), run.labels[small]))
+    add(lambda: check_overfit_batch(fresh_model(), run.augment.normalise(run.gather(small)), run.labels[small]))
     add(lambda: check_batch_independence(model, x[:16], y[:16]))
     add(lambda: _lr_range_check(run, out))
     add(lambda: check_capacity(fresh_model if has_width(run) else None, x_train, y_train, steps=CAPACITY_STEPS,

@@ -4,6 +4,8 @@
     photos = BatchAugment(mean, std, crop_scale=0.35, crop_ratio=4 / 3, flip=True)   # random-resized crops
     x = batch(images_uint8[idx], idx, epoch, generator)     # float, normalised, augmented
     x = batch.normalise(images_uint8)                       # evaluation: normalise only
+    strong = BatchAugment(mean, std, auto_augment="trivial", mixup=0.2, cutmix=1.0, num_classes=10)
+    x, targets = strong.mix(strong(images_uint8[idx], idx, epoch, generator), labels[idx], generator)  # soft
     order = epoch_order(n, seed, epoch, device)             # the shuffled order of an epoch
     order = balanced_order(labels, seed, epoch, device)     # --sampler balanced: each class equally often
 
@@ -24,6 +26,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from visionrecipe.train.strong_augment import mix_batch, trivial_augment
 
 
 def random_translate(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,8 +94,13 @@ def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class BatchAugment:
     def __init__(self, mean, std, *, crop_padding: int = 0, flip: bool = False,
                  alternate_flip: bool = False, n_train: int = 0, seed: int = 0,
-                 device: torch.device | str = "cpu", crop_scale: float = 0.0, crop_ratio: float = 4 / 3):
+                 device: torch.device | str = "cpu", crop_scale: float = 0.0, crop_ratio: float = 4 / 3,
+                 auto_augment: str = "none", mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0,
+                 num_classes: int = 0):
         c = len(mean)
+        # train/strong_augment.py: TrivialAugment per image (in __call__), MixUp/CutMix per batch (mix)
+        self.auto_augment = auto_augment
+        self.mixup, self.cutmix, self.mix_prob, self.num_classes = mixup, cutmix, mix_prob, num_classes
         self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std, device=device).view(1, c, 1, 1) * 255)
         self.crop_padding = crop_padding
@@ -111,17 +120,33 @@ class BatchAugment:
         return torch.rand(index.numel(), device=index.device, generator=generator) < 0.5
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int,
-                 generator: torch.Generator) -> torch.Tensor:
-        x = self.normalise(images)
+                 generator: torch.Generator, size: int | None = None) -> torch.Tensor:
+        """The augmented, normalised batch; `size`: the side to train at (progressive resizing),
+        default the stored side."""
+        # Crops and flips first, then TrivialAugment's op, as torchvision orders them; its ops are
+        # defined on levels in [0, 255], hence normalised last (the linear steps before commute with it).
+        x = images.float()
         if self.crop_scale > 0:
             n, _, height, width = x.shape
             boxes = random_boxes(n, height, width, self.crop_scale, self.crop_ratio, generator, x.device)
             flip = self.flip_mask(index, epoch, generator) if self.flip else None
-            return random_translate(resized_crops(x, boxes, flip), self.crop_padding, generator)
-        x = random_translate(x, self.crop_padding, generator)
-        if self.flip:
-            x = flip_where(x, self.flip_mask(index, epoch, generator))
-        return x
+            x = random_translate(resized_crops(x, boxes, flip, size), self.crop_padding, generator)
+        else:
+            if size is not None and size != x.shape[2]:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = random_translate(x, self.crop_padding, generator)
+            if self.flip:
+                x = flip_where(x, self.flip_mask(index, epoch, generator))
+        if self.auto_augment == "trivial":
+            x = trivial_augment(x, generator)
+        return self.normalise(x)
+
+    def mix(self, x: torch.Tensor, labels: torch.Tensor,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets) after --mixup/--cutmix (soft targets, N×classes); as given when both are off."""
+        if not (self.mixup or self.cutmix):
+            return x, labels
+        return mix_batch(x, labels, self.num_classes, self.mixup, self.cutmix, self.mix_prob, generator=generator)
 
 
 # Each random stream of a run is seeded with seed * SEED_STRIDE + offset, the offset numbering the

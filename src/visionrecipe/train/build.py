@@ -56,18 +56,22 @@ def resolve(cfg: Config, device_type: str, data: Dataset | None = None, processe
         settings["image_size"] = pretrained_image_size(resolved, spec)
     if data is not None:
         settings["crop_padding"] = resolve_crop_padding(resolved, data.train.images.shape[2])
+        settings["cache"] = data.cache  # --cache auto: what loading chose (memory or disk)
         if cfg.optim.batch_size is None:  # the recipe's batch; a --batch-size is taken as given
             settings["batch_size"] = small_data_batch(resolved.optim.batch_size, len(data.train), processes)
     return copy_config(resolved, **settings) if settings else resolved
 
 
 # --- the pieces ------------------------------------------------------------------------------------
-def load_data(cfg: Config, progress: bool = False) -> Dataset:
-    """The dataset `cfg.data` names, split with the run's seed (decoded once, then cached)."""
+def load_data(cfg: Config, progress: bool = False, device: torch.device | None = None) -> Dataset:
+    """The dataset `cfg.data` names, split with the run's seed (decoded once, then cached); where
+    it lives (--cache) is decided on the way in, with `device`'s free memory when it is a GPU."""
+    device_free = torch.cuda.mem_get_info(device)[0] if device is not None and device.type == "cuda" else None
     return load_dataset(cfg.data.data, data_dir=cfg.data.data_dir, image_size=cfg.data.image_size,
                         val_fraction=cfg.data.val_fraction, seed=cfg.run.seed, strict=cfg.data.strict,
                         progress=progress, workers=cfg.data.workers,
-                        allow_outside_paths=cfg.data.allow_outside_paths)
+                        allow_outside_paths=cfg.data.allow_outside_paths, cache=cfg.data.cache,
+                        device_free=device_free)
 
 
 def make_model(cfg: Config, data: Dataset, device: torch.device, width_scale: float = 1.0,
@@ -100,7 +104,9 @@ class BuiltRun:
     data: Dataset
     device: torch.device
     model: nn.Module  # on the device, initial weights loaded, whitening set
-    images: torch.Tensor  # the train split as uint8, on the device: 50,000 CIFAR images are 150 MB
+    # The train split as uint8, on the device (50,000 CIFAR images are 150 MB); with --cache disk
+    # where the data keeps it (MappedImages, or RAM), read through gather or train/feed.py.
+    images: torch.Tensor
     labels: torch.Tensor
     data_stats: tuple[list[float], list[float]]  # the train split's own mean/std
     mean: list[float]  # the normalisation: the data's, or the pretrained weights' for a fine-tune
@@ -119,8 +125,12 @@ class BuiltRun:
         if self.cfg.optim.whiten:
             from visionrecipe.models.fastnet import init_whitening
 
-            init_whitening(model, self.augment.normalise(self.images[:WHITENING_IMAGES]).float())
+            init_whitening(model, self.augment.normalise(self.gather(slice(0, WHITENING_IMAGES))).float())
         return model
+
+    def gather(self, index) -> torch.Tensor:
+        """Train images `index` as uint8 on the device, whichever --cache holds them."""
+        return self.images[index].to(self.device)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """Indices of the train images in the order epoch `epoch` trains on them, a pure function of
@@ -140,7 +150,8 @@ class BuiltRun:
             for position in range(max(1, n // batch_size)):
                 index = order[position * batch_size:(position + 1) * batch_size]
                 generator.manual_seed(seed * SEED_STRIDE + step)
-                yield self.augment(self.images[index], index, epoch, generator), self.labels[index]
+                yield (self.augment(self.gather(index), index, epoch, generator, size=self.cfg.optim.train_size),
+                       self.labels[index])
                 step += 1
             epoch += 1
 
@@ -162,10 +173,13 @@ def build_run(cfg: Config, data: Dataset, device: torch.device, resume_dir=None)
         "mean": stats[0], "std": stats[1], "tta": bool(cfg.optim.tta), "task": cfg.model.task,
         "data": cfg.data.data, "threshold": cfg.model.threshold, **preprocessing,
     }
-    images = train.images.to(device)
+    # --cache disk: the split stays where the data keeps it, and train/feed.py reads it batch by batch.
+    images = train.images if cfg.data.cache == "disk" else train.images.to(device)
     augment = BatchAugment(meta["mean"], meta["std"], crop_padding=cfg.optim.crop_padding, flip=cfg.optim.flip,
                            alternate_flip=cfg.optim.alternate_flip, n_train=len(train.labels), seed=cfg.run.seed,
-                           device=device, crop_scale=cfg.optim.crop_scale, crop_ratio=cfg.optim.crop_ratio)
+                           device=device, crop_scale=cfg.optim.crop_scale, crop_ratio=cfg.optim.crop_ratio,
+                           auto_augment=cfg.optim.auto_augment or "none", mixup=cfg.optim.mixup,
+                           cutmix=cfg.optim.cutmix, mix_prob=cfg.optim.mix_prob, num_classes=len(data.classes))
     weight = class_weights(train.labels, len(data.classes)).to(device) if cfg.optim.class_weights == "auto" else None
     built = BuiltRun(cfg, data, device, model, images, train.labels.to(device), stats, meta["mean"], meta["std"],
                      augment, task_loss(cfg, weight), meta, spec.head_path)

@@ -9,7 +9,8 @@ What happens, in order (Trainer.fit): resolve the settings and load the data as 
 (decoded once, cached), build the model, normalisation and augmentation (train/build.py), then
 for each epoch: training steps, validation, and the epoch's records (train/callbacks.py:
 metrics.jsonl, best and last model, TensorBoard) and state.pt for an exact resume (train/state.py).
-Each step gathers a batch from the device-resident data, augments it on the device, runs
+Each step gathers a batch from the device-resident data (or, with --cache disk, from the record
+cache read ahead by train/feed.py), augments it on the device, runs
 forward/backward under --precision's autocast (bf16 on CUDA by default; fp16 with a gradient
 scaler) in --grad-accum micro-batches, and steps the optimizer with the learning rate of the
 schedule at that step. --patience and --stop-at end a run early at an epoch end (metrics.jsonl's
@@ -37,7 +38,7 @@ from visionrecipe.config import Config, apply_overrides, load_config, save_confi
 from visionrecipe.errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
 from visionrecipe.evaluate.scoring import compute_metrics
 from visionrecipe.evaluate.sharded import sharded_logits
-from visionrecipe.recipes import copy_config, lr_unit
+from visionrecipe.recipes import copy_config, lr_unit, training_side
 from visionrecipe.rundir import (Run, check_run_dir, default_run_dir, ensure_room, prepare_run_dir, truncate_metrics,
                                  unlock)
 from visionrecipe.system import local_rank, log, select_device, set_threads, shutdown, warn, world
@@ -46,9 +47,11 @@ from visionrecipe.train.budget import BUDGET_PROBE_STEPS, eval_fraction, plan_bu
 from visionrecipe.train.build import build_run, load_data, resolve
 from visionrecipe.train.callbacks import (epoch_record, log_epoch, open_tensorboard, progress_bar, save_models,
                                           write_epoch)
+from visionrecipe.train.feed import open_feed
 from visionrecipe.train.finetune import backbone_freezer
 from visionrecipe.train.lr_find import resolve_auto_lr
 from visionrecipe.train.optim import EMA, build_optimizer
+from visionrecipe.train.plan import fit_memory, plan_run
 from visionrecipe.train.schedule import lr_factor
 from visionrecipe.train.state import (TrainState, check_data, data_fingerprint, learned_state, load_learned_state,
                                       plan_resume, read_state, restore_rng, write_state)
@@ -90,6 +93,11 @@ class Trainer:
         set_threads(loading.run.threads, self.device)
         if loading.optim.stop_at is not None and loading.optim.stop_at > 1:
             raise VisionRecipeError(f"--stop-at is a val_acc between 0 and 1 (e.g. 0.95), got {loading.optim.stop_at:g}")
+        if self.resume_dir is None:  # the budget policy: net, sides, batch from the data and this device's speed
+            self.settings, plan_line = plan_run(self.settings, self.device, self.world)
+            if plan_line:
+                log(plan_line)  # the run's first line
+                loading = resolve(self.settings, self.device.type)
         if loading.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(loading.run.seed)
@@ -103,7 +111,7 @@ class Trainer:
         # The resume state is read before any data is decoded: a damaged file fails in a second.
         saved = read_state(self.resume_dir / "state.pt") if self.resume_dir is not None else None
         with self.world.main_first():  # rank 0 decodes and caches a folder; the others read the cache
-            self.data = load_data(loading, progress=loading.run.progress and self.world.is_main)
+            self.data = load_data(loading, progress=loading.run.progress and self.world.is_main, device=self.device)
         check_task(loading, self.data)
 
         # From here on the config is complete, and nothing changes it: config.yaml is what runs.
@@ -125,6 +133,10 @@ class Trainer:
                                     f"{self.batch_size} images" + (" per process" if self.world.size > 1 else "")
                                     + " (--batch-size is the batch of one optimizer step)")
         if self.resume_dir is None:
+            self.cfg, memory_line = fit_memory(cfg, self.data, self.device, self.world.size)  # before the first step
+            if memory_line:
+                log(memory_line)
+            cfg = self.cfg
             self.open_run_dir(cfg)  # every input is good: only now is the folder created, or cleared by --overwrite
         self.tensorboard = open_tensorboard(self.run_dir) if cfg.run.tensorboard and self.world.is_main else None
         self.built = built = build_run(cfg, self.data, self.device, resume_dir=self.resume_dir)
@@ -203,7 +215,8 @@ class Trainer:
                 f"{cfg.data.data}: {len(self.built.labels):,} train, {len(self.eval_split.labels):,} {self.eval_name}, "
                 f"{len(self.data.test.labels):,} test images, {len(self.data.classes)} classes, device {self.device}"
                 + (f", {self.world.size} processes" if self.world.size > 1 else "")
-                + (f", decode {self.data.decode_seconds:.1f}s" if self.data.decode_seconds else ""))
+                + (f", decode {self.data.decode_seconds:.1f}s" if self.data.decode_seconds else "")
+                + f", cache {cfg.data.cache} ({self.data.cache_reason})")
             try:
                 while not self.finished:
                     self.run_epoch()
@@ -241,47 +254,56 @@ class Trainer:
         rank, size = self.world.rank, self.world.size
         steps = min(self.steps_per_epoch, state.total_steps - state.step + state.position)
         generator = torch.Generator(device=self.device)
+        # the device-resident split, or (--cache disk) this process's rows read ahead from the cache
+        feed = open_feed(built, order, self.global_batch, start=state.position, rank=rank, size=size)
         bar = progress_bar(steps, f"Epoch {epoch + 1}/{state.epochs}", cfg.run.progress and self.world.is_main,
                            initial=state.position)
         start = epoch_start = time.perf_counter()
         last_save = time.monotonic()
         images = 0  # trained on by this process in this session: for images per second
         # total_steps can shrink mid-epoch when a time budget is planned, hence both bounds.
-        while state.position < steps and state.step < state.total_steps:
-            # Every process augments the same global batch (the generator is seeded by the step)
-            # and trains on its slice [rank::size], which over the epoch is order[rank::size]: the
-            # batches and augmentations are those of one process, whatever the world size.
-            index = order[state.position * self.global_batch:(state.position + 1) * self.global_batch]
-            generator.manual_seed(cfg.run.seed * SEED_STRIDE + state.step)
-            x = built.augment(built.images[index], index, epoch, generator)[rank::size]
-            y = built.labels[index][rank::size]
-            if cfg.run.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss = self.train_step(x, y)
-            if loss is not None:  # None: a non-finite loss, skipped with --on-nan skip
-                state.loss_sum += loss.detach() * len(y)
-                state.seen += len(y)
-            images += len(y)
-            state.step += 1
-            state.position += 1
-            if bar is not None:
-                bar.update(1)
-                if state.position % 10 == 0 and loss is not None:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-            if cfg.optim.time_budget and state.step == BUDGET_PROBE_STEPS and epoch == 0:
-                share = eval_fraction(len(self.eval_split.labels), self.global_batch, self.steps_per_epoch)
-                plan = plan_budget(cfg.optim.time_budget, time.perf_counter() - start, self.steps_per_epoch, share,
-                                   state.step)
-                # Each process timed itself; all follow rank 0's plan so they take the same steps.
-                state.total_steps, state.epochs = self.world.broadcast(plan)
-            stop_signal, save_due = self.agree_on_events(last_save)
-            if stop_signal or save_due:
-                state.elapsed += time.perf_counter() - start
-                start = time.perf_counter()
-                self.save_state()
-                last_save = time.monotonic()
-            if stop_signal:
-                raise TrainingInterrupted(128 + stop_signal, self.run_dir, self.world.size)
+        try:
+            while state.position < steps and state.step < state.total_steps:
+                # Every process augments the same global batch (the generator is seeded by the step)
+                # and trains on its slice [rank::size], which over the epoch is order[rank::size]: the
+                # batches and augmentations are those of one process, whatever the world size.
+                index = order[state.position * self.global_batch:(state.position + 1) * self.global_batch]
+                generator.manual_seed(cfg.run.seed * SEED_STRIDE + state.step)
+                side = (training_side(cfg.optim.train_size, cfg.optim.train_size_start or cfg.optim.train_size,
+                                      state.step, state.total_steps) if cfg.optim.train_size else None)
+                x = built.augment(feed.take(index), index, epoch, generator, size=side)
+                # --mixup/--cutmix pair image i with image N-1-i of the global batch, before the slicing
+                x, y = built.augment.mix(x, built.labels[index], generator)
+                x, y = x[rank::size], y[rank::size]
+                if cfg.run.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                loss = self.train_step(x, y)
+                if loss is not None:  # None: a non-finite loss, skipped with --on-nan skip
+                    state.loss_sum += loss.detach() * len(y)
+                    state.seen += len(y)
+                images += len(y)
+                state.step += 1
+                state.position += 1
+                if bar is not None:
+                    bar.update(1)
+                    if state.position % 10 == 0 and loss is not None:
+                        bar.set_postfix(loss=f"{loss.item():.4f}")
+                if cfg.optim.time_budget and state.step == BUDGET_PROBE_STEPS and epoch == 0:
+                    share = eval_fraction(len(self.eval_split.labels), self.global_batch, self.steps_per_epoch)
+                    plan = plan_budget(cfg.optim.time_budget, time.perf_counter() - start, self.steps_per_epoch, share,
+                                       state.step)
+                    # Each process timed itself; all follow rank 0's plan so they take the same steps.
+                    state.total_steps, state.epochs = self.world.broadcast(plan)
+                stop_signal, save_due = self.agree_on_events(last_save)
+                if stop_signal or save_due:
+                    state.elapsed += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.save_state()
+                    last_save = time.monotonic()
+                if stop_signal:
+                    raise TrainingInterrupted(128 + stop_signal, self.run_dir, self.world.size)
+        finally:
+            feed.close()  # its reader threads stop with the epoch, or with an interrupt
         if bar is not None:
             bar.close()
         state.elapsed += time.perf_counter() - start

@@ -31,7 +31,7 @@ from visionrecipe.system import warn
 # a NaN stop suggests. Anything else (epochs, lr, batch size, ...) would silently make a
 # different run than the one planned, so it is refused.
 RESUME_SETTINGS = {"progress", "device", "threads", "report", "checkpoint_every", "tensorboard", "compile",
-                   "on_nan", "grad_clip", "mlflow"}
+                   "on_nan", "grad_clip", "mlflow", "cache"}
 
 
 def plan_resume(run_dir: str | Path, settings: dict) -> tuple[Path, Config, dict]:

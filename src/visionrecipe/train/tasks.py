@@ -3,6 +3,7 @@
     loss_fn = task_loss(cfg)                    # cross-entropy or BCE, as --task says
     loss_fn = task_loss(cfg, class_weights(labels, num_classes))   # --class-weights auto
     loss = loss_fn(logits, targets)             # targets: int64 N (multiclass) or float N×C multi-hot
+    loss = loss_fn(logits, soft)                # float N×C class probabilities (--mixup, --cutmix)
     m = compute_multilabel_metrics(logits, targets, threshold=0.5, classes=names)
     m["mAP"], m["f1_micro"], m["f1_macro"], m["per_class"][0]["ap"]
     rows = labels_above(logits.sigmoid(), names, threshold=0.5)   # predict's answer per image
@@ -34,9 +35,25 @@ def task_loss(cfg, weight: torch.Tensor | None = None):
     `weight`: one per class for the cross-entropy (a weighted mean: sum w_y·loss / sum w_y)."""
     if cfg.model.task == "multilabel":
         # No label smoothing: a smoothed multi-hot target has no agreed meaning, and BCE on rare
-        # labels is already gentle.
+        # labels is already gentle. Mixed multi-hot rows (--mixup) are soft targets BCE takes as they are.
         return F.binary_cross_entropy_with_logits
-    return partial(F.cross_entropy, weight=weight, label_smoothing=cfg.optim.label_smoothing or 0.0)
+    return partial(cross_entropy, weight=weight, label_smoothing=cfg.optim.label_smoothing or 0.0)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy for class indices; for N×C class probabilities (MixUp/CutMix) the same loss
+    generalised, so that one-hot rows give exactly the class-index loss: the targets smoothed
+    toward uniform, and with `weight` the mean weighted by each row's unsmoothed target weight
+    (PyTorch divides a probability-target loss by N instead, which changes its scale)."""
+    if not targets.is_floating_point():
+        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)
+    num_classes = logits.shape[1]
+    smoothed = targets * (1 - label_smoothing) + label_smoothing / num_classes
+    log_probs = F.log_softmax(logits, 1)
+    if weight is None:
+        return -(smoothed * log_probs).sum(1).mean()
+    return -(smoothed * weight * log_probs).sum() / (targets * weight).sum()
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -57,6 +74,8 @@ def check_task(cfg, dataset) -> None:
         raise VisionRecipeError(f"{dataset.spec} is a multilabel manifest: pass --task multilabel")
     if multi_hot and (cfg.optim.class_weights != "none" or cfg.optim.sampler != "shuffle"):
         raise VisionRecipeError("--class-weights and --sampler balanced are for single-label data (not --task multilabel)")
+    if not 0 <= cfg.optim.mix_prob <= 1:
+        raise VisionRecipeError(f"invalid value for mix_prob: {cfg.optim.mix_prob:g} (must be in [0, 1])")
     if not 0 <= cfg.model.threshold < 1:
         raise VisionRecipeError(f"invalid value for threshold: {cfg.model.threshold} (must be in [0, 1))")
 

@@ -1,0 +1,128 @@
+"""Photos: training images/s of visionrecipe against a typical torchvision loop, at 64, 128 and 224 px.
+
+    python bench/photos.py --data ~/.cache/visionrecipe/imagenette --sides 64 128 224 --images 2000
+
+(a) torchvision: ImageFolder over the JPEG files, per-sample RandomResizedCrop(side) + RandomHorizontalFlip +
+    ToTensor + Normalize in a DataLoader (2 workers, batch 64), torchvision resnet18, SGD 0.1 momentum 0.9.
+(b) visionrecipe with the same resnet18 (the data path alone): `visionrecipe train --model resnet18` at the same
+    training side: images decoded once into the record cache at the FixRes side (recipes.eval_side), batched
+    random-resized crops and flips on the device; images/s is the trainer's own (metrics.jsonl), validation excluded.
+(c) visionrecipe with its photo net (photonet, the fast recipe), otherwise as (b).
+
+Both train on the same subset (the first --images files of train/, in a temporary folder of links), in fresh
+processes with the same thread count, for --seconds of training each (after warm-up steps for (a); for (b)
+the first epoch's rate, which includes its warm-up). The decode of (b) is timed separately and reported, not
+counted. Prints a Markdown table: images/s of each and their ratio, per side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def subset_folder(data: Path, images: int, into: Path) -> Path:
+    """A folder of links to the first `images` files of data/train (classes round-robin)."""
+    classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    files = {c: sorted((data / "train" / c).iterdir()) for c in classes}
+    picked = 0
+    for i in range(max(len(f) for f in files.values())):
+        for c in classes:
+            if i < len(files[c]) and picked < images:
+                (into / c).mkdir(parents=True, exist_ok=True)
+                os.symlink(files[c][i], into / c / files[c][i].name)
+                picked += 1
+    return into
+
+
+def torchvision_rate(folder: Path, side: int, seconds: float, threads: int) -> float:
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+
+    torch.set_num_threads(threads)
+    tf = T.Compose([T.RandomResizedCrop(side), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(folder, tf), batch_size=64, shuffle=True,
+                                         num_workers=2, persistent_workers=True, drop_last=True)
+    model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    seen, started, steps = 0, None, 0
+    while True:
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if steps == 3:  # warm-up done: start the clock
+                started = time.perf_counter()
+            elif steps > 3:
+                seen += len(y)
+                if time.perf_counter() - started >= seconds:
+                    return seen / (time.perf_counter() - started)
+
+
+def visionrecipe_rate(folder: Path, side: int, seconds: float, threads: int, cache: Path, model: str) -> dict:
+    from visionrecipe.recipes import eval_side
+
+    out = Path(tempfile.mkdtemp()) / "run"
+    cmd = [sys.executable, "-m", "visionrecipe", "train", "--data", str(folder), "--model", model,
+           "--image-size", str(eval_side(side, None)), "--train-size", str(side), "--batch-size", "64",
+           "--time-budget", str(seconds), "--threads", str(threads), "--out", str(out), "--no-progress",
+           "--no-report", "--data-dir", str(cache), "--val-fraction", "0.1"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    decode = next((float(part.split()[1].rstrip("s")) for part in proc.stdout.split(", ") if part.startswith("decode")),
+                  0.0)
+    rates = [r["img_per_s"] for r in records if "img_per_s" in r]
+    return {"images_per_second": max(rates), "decode_s": decode, "wall_s": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("~/.cache/visionrecipe/imagenette"))
+    parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 224])
+    parser.add_argument("--images", type=int, default=2000, help="train files used (a subset, same for both)")
+    parser.add_argument("--seconds", type=float, default=60, help="training seconds per contender and side")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: torchvision FOLDER SIDE
+    args = parser.parse_args()
+    if args.one:
+        print("RATE", torchvision_rate(Path(args.one[0]), int(args.one[1]), args.seconds, args.threads), flush=True)
+        return
+    work = Path(tempfile.mkdtemp(prefix="visionrecipe-photos-"))
+    folder = subset_folder(args.data.expanduser(), args.images, work / "subset")
+    rows = []
+    for side in args.sides:
+        proc = subprocess.run([sys.executable, __file__, "--one", str(folder), str(side), "--seconds",
+                               str(args.seconds), "--threads", str(args.threads)], capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RATE ")), None)
+        if line is None:
+            sys.exit(proc.stderr[-3000:])
+        torchvision = float(line.split()[1])
+        same = visionrecipe_rate(folder, side, args.seconds, args.threads, work / "cache", "resnet18")
+        ours = visionrecipe_rate(folder, side, args.seconds, args.threads, work / "cache", "photonet")
+        rows.append((side, torchvision, same, ours))
+        print(f"{side} px: torchvision {torchvision:.1f} img/s, visionrecipe resnet18 {same['images_per_second']:.1f}, "
+              f"photonet {ours['images_per_second']:.1f} (decode {ours['decode_s']:.1f} s)", flush=True)
+    print("\n| side | (a) torchvision loop, resnet18 | (b) visionrecipe, resnet18 | (b)/(a) "
+          "| (c) visionrecipe, photonet | (c)/(a) | decode once |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for side, torchvision, same, ours in rows:
+        print(f"| {side} px | {torchvision:.1f} | {same['images_per_second']:.1f} | "
+              f"{same['images_per_second'] / torchvision:.1f}x | {ours['images_per_second']:.1f} | "
+              f"{ours['images_per_second'] / torchvision:.1f}x | {ours['decode_s']:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
