@@ -2,6 +2,7 @@
 
     python bench/stream.py --images 3000 --size 64 --epochs 1                  # small: under 2 minutes on 2 cores
     python bench/stream.py --images 400000 --size 160 --work /big/disk --epochs 1 --skip-memory   # larger than RAM
+    python bench/stream.py --images 80000 --size 160 --time-budget 120 --memory-limit 3   # larger than a 3 GiB cgroup
 
 1. A folder of N JPEGs at S px in 10 classes (smooth random colour fields, so a decode costs what a
    photo's does), written once into --work and reused.
@@ -51,10 +52,21 @@ def make_folder(root: Path, images: int, size: int, seed: int = 0) -> None:
     marker.touch()
 
 
-def child(code: str, *args: str) -> tuple[str, int]:
-    """(stdout, peak RSS in bytes) of a Python child process."""
+def memory_cgroup(limit_bytes: int) -> Path:
+    """A memory cgroup (v1 or v2, needs root) capping RAM, page cache included, at `limit_bytes`: a
+    machine with that much memory, for data larger than it."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    folder = (v1 if v1.is_dir() else Path("/sys/fs/cgroup")) / f"visionrecipe-bench-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    (folder / ("memory.limit_in_bytes" if v1.is_dir() else "memory.max")).write_text(str(limit_bytes))
+    return folder
+
+
+def child(code: str, *args: str, cgroup: Path | None = None) -> tuple[str, int]:
+    """(stdout, peak RSS in bytes) of a Python child process (inside `cgroup` when given)."""
+    enter = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=enter)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -99,19 +111,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def train(folder: Path, work: Path, cache: str, args) -> dict:
+def train(folder: Path, work: Path, cache: str, args, cgroup: Path | None = None) -> dict:
     out = work / f"run-{cache}"
     flags = ["train", "--data", str(folder), "--data-dir", str(work / "cache"), "--cache", cache, "--out", str(out),
              "--overwrite", "--epochs", str(args.epochs), "--seed", "0", "--no-progress", "--no-report"]
+    if args.time_budget:
+        flags += ["--time-budget", str(args.time_budget)]
     if args.model:
         flags += ["--model", args.model]
     if args.batch_size:
         flags += ["--batch-size", str(args.batch_size)]
     started = time.perf_counter()
-    _, rss = child(TRAIN, *flags)
+    log, rss = child(TRAIN, *flags, cgroup=cgroup)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next((line for line in log.splitlines() if line.startswith("training ")), "")
     return {"images_per_second": rows[-1]["img_per_s"], "peak_rss_bytes": rss, "val_acc": rows[-1]["val_acc"],
-            "wall_seconds": time.perf_counter() - started}
+            "wall_seconds": time.perf_counter() - started, "cache_line": first[first.find(", cache ") + 2:]}
 
 
 def main() -> None:
@@ -124,7 +139,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/visionrecipe-stream-bench"))
     parser.add_argument("--skip-memory", action="store_true", help="data larger than RAM: only the streamed path")
     parser.add_argument("--read-only", action="store_true", help="only the decode and the epoch of reads")
+    parser.add_argument("--time-budget", type=float, default=None, help="train this many seconds (epochs: a bound)")
+    parser.add_argument("--memory-limit", type=float, default=None,
+                        help="GiB: the streamed reads and training run in a memory cgroup this size (root), data "
+                             "larger than it; --cache auto there, which must choose disk")
     args = parser.parse_args()
+    cgroup = memory_cgroup(int(args.memory_limit * 2**30)) if args.memory_limit else None
     folder = args.work / f"jpeg-{args.images}-{args.size}"
 
     started = time.perf_counter()
@@ -138,12 +158,18 @@ def main() -> None:
               decoded["images"] / max(decoded["decode_seconds"], 1e-9), "decode_seconds": decoded["decode_seconds"],
               "decode_peak_rss_bytes": decode_rss, "cache_bytes": cache_bytes}
     for how in ("feed", "map"):  # one epoch of reads alone, no training: the reader's speed and RSS
-        out, rss = child(READ, str(folder), str(args.work / "cache"), how)
+        out, rss = child(READ, str(folder), str(args.work / "cache"), how, cgroup=cgroup)
         result[f"read_{how}"] = {**json.loads(out), "peak_rss_bytes": rss}
     if args.read_only:
         args.skip_memory = True
     for cache in () if args.read_only else (("disk",) if args.skip_memory else ("memory", "disk")):
-        result[cache] = train(folder, args.work, cache, args)
+        # under --memory-limit the streamed run is left to --cache auto inside the cgroup: it must choose disk
+        limited = cgroup is not None and cache == "disk"
+        result[cache] = train(folder, args.work, "auto" if limited else cache, args, cgroup if limited else None)
+    if cgroup is not None:
+        peak = cgroup / ("memory.max_usage_in_bytes" if (cgroup / "memory.max_usage_in_bytes").exists() else "memory.peak")
+        result["cgroup_limit_bytes"] = int(args.memory_limit * 2**30)
+        result["cgroup_peak_bytes"] = int(peak.read_text()) if peak.exists() else None
     if not args.skip_memory:
         result["disk_over_memory"] = result["disk"]["images_per_second"] / result["memory"]["images_per_second"]
 
@@ -158,7 +184,11 @@ def main() -> None:
         if cache in result:
             r = result[cache]
             print(f"train --cache {cache:6s}: {r['images_per_second']:,.0f} images/s, peak RSS "
-                  f"{r['peak_rss_bytes'] * mb:,.0f} MiB, val_acc {r['val_acc']:.3f}, {r['wall_seconds']:.1f}s wall")
+                  f"{r['peak_rss_bytes'] * mb:,.0f} MiB, val_acc {r['val_acc']:.3f}, {r['wall_seconds']:.1f}s wall; "
+                  f"{r['cache_line']}")
+    if cgroup is not None:
+        print(f"memory cgroup: limit {result['cgroup_limit_bytes'] * mb:,.0f} MiB, peak use (page cache included) "
+              f"{(result['cgroup_peak_bytes'] or 0) * mb:,.0f} MiB; data {cache_bytes * mb:,.0f} MiB")
     if "disk_over_memory" in result:
         print(f"streamed / resident images/s: {result['disk_over_memory']:.2f}")
     (args.work / "stream.json").write_text(json.dumps(result, indent=2))

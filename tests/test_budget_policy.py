@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ from PIL import Image
 
 from conftest import run_cli
 from visionrecipe.config import Config
-from visionrecipe.recipes import (DEFAULT_PHOTO_BUDGET, FIXRES, MIN_EPOCHS, PHOTO_MIN_STEPS, PHOTO_TIERS, PROGRESSIVE_RAMP,
+from visionrecipe.recipes import (DEFAULT_PHOTO_BUDGET, progressive_costs, FIXRES, MIN_EPOCHS, PHOTO_MIN_STEPS, PHOTO_TIERS, PROGRESSIVE_RAMP,
                                   SMALL_TIERS, afforded_epochs, plan_tier, progressive_start, eval_side, training_side)
 from visionrecipe.system import world
 from visionrecipe.train import plan as plan_module
+from visionrecipe.train.budget import plan_budget, replan_budget
 
 CPU = torch.device("cpu")
 
@@ -67,6 +69,22 @@ def test_training_side_ramps_up_in_steps_then_holds():
     assert sides[int(PROGRESSIVE_RAMP * 1000)] == 128 and sides[int(PROGRESSIVE_RAMP * 1000) - 50] < 128
     assert training_side(128, 128, 0, 1000) == 128  # no ramp
     assert eval_side(128, 224) == round(FIXRES * 128 / 8) * 8 and eval_side(128, 130) == 130
+
+
+def test_a_budget_covers_the_costlier_late_steps_of_progressive_resizing():
+    costs = partial(progressive_costs, 128, 96)
+    steps = 1000
+    assert np.allclose(costs(steps), [(training_side(128, 96, s, steps) / 128) ** 2 for s in range(steps)])
+    assert plan_budget(100, 1.0, 50, 0.0) == (800, 16)  # equal steps: 8 steps in 1 s, 800 in 100 s
+    total, _ = plan_budget(100, 1.0, 50, 0.0, costs=costs, planned=steps)
+    # the 8 probe steps ran at 96 px (0.5625 of a full step): the plan's steps cost exactly the budget
+    unit = 1.0 / costs(steps)[:8].sum()
+    assert costs(total).sum() * unit <= 100 < costs(total + 1).sum() * unit
+    assert total < 800 / 0.5625  # not the count the cheap first steps would suggest
+    # at an epoch end: the steps left fill the time left at the speed measured so far
+    total, _ = replan_budget(100, 50, 400, 8, 50, costs=costs, planned=800)
+    unit = 50 / costs(800)[:400].sum()
+    assert costs(total)[400:].sum() * unit <= 50 < costs(total + 1)[400:].sum() * unit
 
 
 def test_measure_speeds_times_only_what_could_be_chosen(monkeypatch):
@@ -127,6 +145,9 @@ def test_the_plan_is_the_first_line_and_its_choice_is_in_config_yaml(planned_run
     assert optim["train_size"] and optim["train_size_start"] < optim["train_size"] < data["image_size"] <= 100
     assert f"{optim['train_size_start']}→{optim['train_size']} px" in first
     assert f"evaluated at {data['image_size']} px" in first and f"batch {optim['batch_size']}" in first
+    # the budget planned the growing steps' cost: the schedule reached its low end within the budget
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["lr"] < 0.3 * max(r["lr"] for r in records) and records[-1]["elapsed_s"] < 6 * 1.25
     # evaluation, predict and export see the stored (FixRes) side
     meta = json.loads((out / "model.json").read_text())
     assert meta["preprocess"] == {"resize": data["image_size"], "crop": data["image_size"]}

@@ -123,6 +123,26 @@ def test_auto_streams_when_memory_is_small_and_says_why(folder, tmp_path, monkey
     assert "cache: disk" in (tmp_path / "run" / "config.yaml").read_text()  # resolved: what ran
 
 
+def test_free_memory_respects_the_memory_cgroup(tmp_path):
+    """In a container (a memory cgroup) the limit kills, not the host's free RAM: auto must see the limit."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    root = v1 if v1.is_dir() else Path("/sys/fs/cgroup")
+    group = root / f"visionrecipe-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / ("memory.limit_in_bytes" if v1.is_dir() else "memory.max")).write_text(str(512 * 2**20))
+    except OSError:
+        pytest.skip("cannot create a memory cgroup here (needs root and a writable cgroup fs)")
+    try:
+        code = "from visionrecipe.data.cache import free_memory; print(free_memory())"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        assert proc.returncode == 0, proc.stderr
+        assert 0 < int(proc.stdout) <= 512 * 2**20 < cache.free_memory()
+    finally:
+        group.rmdir()
+
+
 # --- the feed: the resident path's batches -----------------------------------------------------------
 @pytest.mark.parametrize("mirror", [False, True])
 def test_feed_reads_each_process_share_of_the_resident_batches(folder, tmp_path, mirror):

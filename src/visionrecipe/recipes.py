@@ -173,6 +173,20 @@ def training_side(final: int, start: int, step: int, total_steps: int) -> int:
     return min(final, max(start, int(side // SIDE_STEP) * SIDE_STEP))
 
 
+def progressive_costs(final: int, start: int, total_steps: int):
+    """Every step's cost relative to a step at `final` px, (side / final)², for a run of `total_steps`
+    (numpy, vectorised: training_side at each step; train/budget.py plans a budget with it)."""
+    import numpy as np
+
+    steps = np.arange(total_steps, dtype=np.float64)
+    if start >= final or total_steps <= 0:
+        return np.ones(total_steps)
+    progress = np.minimum(1.0, steps / max(1.0, PROGRESSIVE_RAMP * total_steps))
+    sides = np.floor((start + (final - start) * progress) // SIDE_STEP) * SIDE_STEP
+    sides = np.minimum(final, np.maximum(start, sides))
+    return (sides / final) ** 2
+
+
 def progressive_start(final: int) -> int:
     """The first training side of a progressive run that ends at `final` px."""
     return max(SIDE_STEP, int(PROGRESSIVE_START * final // SIDE_STEP) * SIDE_STEP)
@@ -188,7 +202,7 @@ def eval_side(final: int, native: int | None) -> int:
 def progressive_cost(final: int, start: int, samples: int = 1000) -> float:
     """A progressive run's mean cost per image as a share of training at `final` throughout
     (cost ∝ side²)."""
-    return sum((training_side(final, start, i, samples) / final) ** 2 for i in range(samples)) / samples
+    return float(progressive_costs(final, start, samples).mean())
 
 
 def usable_tiers(tiers: tuple[Tier, ...], native: int | None) -> list[Tier]:

@@ -78,7 +78,12 @@ def free_bytes(path: Path) -> int:
 def free_memory() -> int:
     """RAM this process could still take without swapping, in bytes (tests replace this to
     simulate a small machine): the kernel's MemAvailable (page cache it can drop counts as free),
-    else psutil's, else the free pages."""
+    else psutil's, else the free pages; and never more than its cgroup's memory limit leaves (a
+    container's limit kills at that line, whatever the host has free)."""
+    return min(_machine_free(), _cgroup_room())
+
+
+def _machine_free() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -91,6 +96,40 @@ def free_memory() -> int:
     except ImportError:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(psutil.virtual_memory().available)
+
+
+def _cgroup_room() -> int:
+    """The memory cgroup's limit less what it uses (cgroup v2 memory.max, or v1 memory.limit_in_bytes;
+    its reclaimable page cache counts as room), or a huge number where there is no limit."""
+    unlimited = 1 << 62
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return unlimited
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: memory.max / memory.current
+            folder, limit_file, usage_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            usage = int((folder / usage_file).read_text())
+            cache = _stat(folder / "memory.stat", ("inactive_file", "total_inactive_file"))
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < unlimited:
+            return max(0, int(limit) - usage + cache)
+    return unlimited
+
+
+def _stat(path: Path, keys: tuple[str, ...]) -> int:
+    """The first of `keys` in a cgroup memory.stat file (0 when absent)."""
+    values = dict(line.split() for line in path.read_text().splitlines() if line.count(" ") == 1)
+    return next((int(values[k]) for k in keys if k in values), 0)
 
 
 # auto keeps the images in memory only when they take at most this share of what is free: the

@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from visionrecipe.config import Config, apply_overrides, load_config, save_confi
 from visionrecipe.errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
 from visionrecipe.evaluate.scoring import compute_metrics
 from visionrecipe.evaluate.sharded import sharded_logits
-from visionrecipe.recipes import copy_config, lr_unit, training_side
+from visionrecipe.recipes import copy_config, lr_unit, progressive_costs, training_side
 from visionrecipe.rundir import (Run, check_run_dir, default_run_dir, ensure_room, prepare_run_dir, truncate_metrics,
                                  unlock)
 from visionrecipe.system import local_rank, log, select_device, set_threads, shutdown, warn, world
@@ -269,9 +270,7 @@ class Trainer:
                 # batches and augmentations are those of one process, whatever the world size.
                 index = order[state.position * self.global_batch:(state.position + 1) * self.global_batch]
                 generator.manual_seed(cfg.run.seed * SEED_STRIDE + state.step)
-                side = (training_side(cfg.optim.train_size, cfg.optim.train_size_start or cfg.optim.train_size,
-                                      state.step, state.total_steps) if cfg.optim.train_size else None)
-                x = built.augment(feed.take(index), index, epoch, generator, size=side)
+                x = built.augment(feed.take(index), index, epoch, generator, size=self.training_side(state.step))
                 # --mixup/--cutmix pair image i with image N-1-i of the global batch, before the slicing
                 x, y = built.augment.mix(x, built.labels[index], generator)
                 x, y = x[rank::size], y[rank::size]
@@ -291,7 +290,7 @@ class Trainer:
                 if cfg.optim.time_budget and state.step == BUDGET_PROBE_STEPS and epoch == 0:
                     share = eval_fraction(len(self.eval_split.labels), self.global_batch, self.steps_per_epoch)
                     plan = plan_budget(cfg.optim.time_budget, time.perf_counter() - start, self.steps_per_epoch, share,
-                                       state.step)
+                                       state.step, costs=self.step_costs(), planned=state.total_steps)
                     # Each process timed itself; all follow rank 0's plan so they take the same steps.
                     state.total_steps, state.epochs = self.world.broadcast(plan)
                 stop_signal, save_due = self.agree_on_events(last_save)
@@ -311,6 +310,21 @@ class Trainer:
         totals = self.world.sum(torch.stack([state.loss_sum, torch.tensor(float(state.seen), device=self.device)]))
         train_loss = float(totals[0] / totals[1]) if totals[1] else float("nan")
         return train_loss, images * size / max(time.perf_counter() - epoch_start, 1e-9)
+
+    def training_side(self, step: int) -> int | None:
+        """The side step `step` trains at (progressive resizing), None: the stored side."""
+        optim = self.cfg.optim
+        if not optim.train_size:
+            return None
+        return training_side(optim.train_size, optim.train_size_start or optim.train_size, step, self.state.total_steps)
+
+    def step_costs(self):
+        """Each step's relative cost for a plan of N steps (None: equal), so a budget covers the larger
+        late steps of progressive resizing."""
+        optim = self.cfg.optim
+        if not optim.train_size or not optim.train_size_start or optim.train_size_start >= optim.train_size:
+            return None
+        return partial(progressive_costs, optim.train_size, optim.train_size_start)
 
     def agree_on_events(self, last_save: float) -> tuple[int, bool]:
         """(signal number or 0, checkpoint due), the same in every process: they stop and save
@@ -392,7 +406,8 @@ class Trainer:
         state.seen = 0
         state.elapsed += time.perf_counter() - eval_start  # the budget covers validation too
         if cfg.optim.time_budget:
-            plan = replan_budget(cfg.optim.time_budget, state.elapsed, state.step, state.epoch, self.steps_per_epoch)
+            plan = replan_budget(cfg.optim.time_budget, state.elapsed, state.step, state.epoch, self.steps_per_epoch,
+                                 costs=self.step_costs(), planned=state.total_steps)
             state.total_steps, state.epochs = self.world.broadcast(plan)
         if metrics["accuracy"] > state.best_acc:  # the same test save_models makes
             state.best_epoch = state.epoch
