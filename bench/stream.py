@@ -33,22 +33,32 @@ from PIL import Image
 CLASSES = 10
 
 
-def make_folder(root: Path, images: int, size: int, seed: int = 0) -> None:
-    """N JPEGs of size×size in CLASSES class folders; kept when it already holds them all."""
-    marker = root / f".complete-{images}-{size}"
-    if marker.exists():
-        return
-    shutil.rmtree(root, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    for i in range(images):
+def _write_chunk(job: tuple[str, int, int, int, int]) -> None:
+    root, first, stop, size, seed = job
+    rng = np.random.default_rng([seed, first])
+    for i in range(first, stop):
         cls = i % CLASSES
         # A coarse random field upsampled: smooth like a photo, so JPEG's cost is realistic.
         coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         coarse[..., cls % 3] //= 2  # a class-dependent tint: there is something to learn
         image = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
-        path = root / f"c{cls}" / f"{i:07d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, quality=90)
+        image.save(Path(root) / f"c{cls}" / f"{i:07d}.jpg", quality=90)
+
+
+def make_folder(root: Path, images: int, size: int, seed: int = 0) -> None:
+    """N JPEGs of size×size in CLASSES class folders, written by all cores; kept when it already holds them."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    marker = root / f".complete-{images}-{size}"
+    if marker.exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    for cls in range(CLASSES):
+        (root / f"c{cls}").mkdir(parents=True, exist_ok=True)
+    chunk = 2000
+    jobs = [(str(root), first, min(images, first + chunk), size, seed) for first in range(0, images, chunk)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_write_chunk, jobs))
     marker.touch()
 
 
@@ -111,12 +121,25 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def train(folder: Path, work: Path, cache: str, args, cgroup: Path | None = None) -> dict:
-    out = work / f"run-{cache}"
+def add_files(root: Path, count: int, size: int, seed: int = 1) -> None:
+    """`count` new JPEGs beside the folder's (names after the existing ones), as a user adds photos."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        cls = i % CLASSES
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+        image.save(root / f"c{cls}" / f"new-{seed}-{i:07d}.jpg", quality=90)
+
+
+def train(folder: Path, work: Path, cache: str, args, cgroup: Path | None = None, nproc: int = 1) -> dict:
+    out = work / (f"run-{cache}" + ("" if nproc == 1 else f"-nproc{nproc}"))
     flags = ["train", "--data", str(folder), "--data-dir", str(work / "cache"), "--cache", cache, "--out", str(out),
              "--overwrite", "--epochs", str(args.epochs), "--seed", "0", "--no-progress", "--no-report"]
     if args.time_budget:
         flags += ["--time-budget", str(args.time_budget)]
+    if nproc > 1:
+        flags += ["--nproc", str(nproc)]
+    flags += args.train_flags
     if args.model:
         flags += ["--model", args.model]
     if args.batch_size:
@@ -143,6 +166,11 @@ def main() -> None:
     parser.add_argument("--memory-limit", type=float, default=None,
                         help="GiB: the streamed reads and training run in a memory cgroup this size (root), data "
                              "larger than it; --cache auto there, which must choose disk")
+    parser.add_argument("--update-share", type=float, default=0.0,
+                        help="after the decode, add this share of new files and time the cache's update")
+    parser.add_argument("--nproc", type=int, default=1, help="also train --cache disk with this many processes")
+    parser.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
+                        help="the rest of the line goes to `visionrecipe train` (e.g. --image-size 160 --width 0.25)")
     args = parser.parse_args()
     cgroup = memory_cgroup(int(args.memory_limit * 2**30)) if args.memory_limit else None
     folder = args.work / f"jpeg-{args.images}-{args.size}"
@@ -157,6 +185,10 @@ def main() -> None:
     result = {"images": args.images, "size": args.size, "decode_images_per_second":
               decoded["images"] / max(decoded["decode_seconds"], 1e-9), "decode_seconds": decoded["decode_seconds"],
               "decode_peak_rss_bytes": decode_rss, "cache_bytes": cache_bytes}
+    if args.update_share:  # a user adds a few photos: only those are decoded
+        add_files(folder, max(1, round(args.update_share * args.images)), args.size, seed=int(time.time()))
+        out, _ = child(DECODE, str(folder), str(args.work / "cache"))
+        result["update"] = {"files": max(1, round(args.update_share * args.images)), **json.loads(out)}
     for how in ("feed", "map"):  # one epoch of reads alone, no training: the reader's speed and RSS
         out, rss = child(READ, str(folder), str(args.work / "cache"), how, cgroup=cgroup)
         result[f"read_{how}"] = {**json.loads(out), "peak_rss_bytes": rss}
@@ -172,15 +204,22 @@ def main() -> None:
         result["cgroup_peak_bytes"] = int(peak.read_text()) if peak.exists() else None
     if not args.skip_memory:
         result["disk_over_memory"] = result["disk"]["images_per_second"] / result["memory"]["images_per_second"]
+    if args.nproc > 1 and not args.read_only:  # torchrun: each process reads its share of every batch
+        result[f"disk_nproc{args.nproc}"] = train(folder, args.work, "disk", args, nproc=args.nproc)
 
     mb = 1 / 2**20
     print(f"decode: {result['decode_images_per_second']:,.0f} images/s ({result['decode_seconds']:.1f}s), peak RSS "
           f"{decode_rss * mb:,.0f} MiB; cache {cache_bytes * mb:,.1f} MiB")
+    if "update" in result:
+        u = result["update"]
+        print(f"update: {u['files']:,} new files ({100 * args.update_share:g}%) in {u['decode_seconds']:.1f}s of "
+              f"decoding, {u['seconds']:.1f}s in all ({100 * u['seconds'] / max(decoded['seconds'], 1e-9):.1f}% of "
+              f"the full decode's {decoded['seconds']:.1f}s)")
     for how, what in (("feed", "StreamFeed (preadv)"), ("map", "gather from the map")):
         r = result[f"read_{how}"]
         print(f"read one epoch, {what}: {r['images_per_second']:,.0f} images/s, peak RSS "
               f"{r['peak_rss_bytes'] * mb:,.0f} MiB")
-    for cache in ("memory", "disk"):
+    for cache in ("memory", "disk", f"disk_nproc{args.nproc}"):
         if cache in result:
             r = result[cache]
             print(f"train --cache {cache:6s}: {r['images_per_second']:,.0f} images/s, peak RSS "

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import run_cli
 from visionrecipe.config import Config
-from visionrecipe.recipes import (DEFAULT_PHOTO_BUDGET, progressive_costs, FIXRES, MIN_EPOCHS, PHOTO_MIN_STEPS, PHOTO_TIERS, PROGRESSIVE_RAMP,
+from visionrecipe.recipes import (DEFAULT_PHOTO_BUDGET, progressive_costs, FIXRES, MIN_EPOCHS, PHOTO_CROPS, PHOTO_TIERS, PROGRESSIVE_RAMP,
                                   SMALL_TIERS, afforded_epochs, plan_tier, progressive_start, eval_side, training_side)
 from visionrecipe.system import world
 from visionrecipe.train import plan as plan_module
@@ -37,13 +37,14 @@ def test_plan_is_a_pure_function_and_buys_more_with_more_budget():
     order = [PHOTO_TIERS.index(p.tier) for p in plans]
     assert order == sorted(order) and order[0] < order[-1]  # a longer budget never buys a cheaper net
     for p in plans:
-        need = MIN_EPOCHS["photonet"]
+        need = MIN_EPOCHS[p.tier.model]
         assert p.epochs >= need or PHOTO_TIERS.index(p.tier) == 0  # affords the epochs, or is the cheapest
-        # FixRes: evaluated above the final training side; progressive: starting below it
-        assert p.train_size < p.image_size <= 224 and p.image_size == eval_side(p.train_size, 224)
-        assert p.train_size_start == progressive_start(p.train_size) < p.train_size
-        # the batch gives at least PHOTO_MIN_STEPS optimizer steps, or is the smallest
-        assert p.batch_size == 32 or p.epochs * 9000 / p.batch_size >= PHOTO_MIN_STEPS * 0.99
+        if PHOTO_CROPS:
+            # FixRes: evaluated above the final training side; progressive: starting below it
+            assert p.train_size <= p.image_size <= 224 and p.image_size == eval_side(p.train_size, 224)
+            assert p.train_size_start == progressive_start(p.train_size) < p.train_size
+        else:
+            assert p.image_size == p.tier.size and p.train_size is None
 
 
 def test_plan_never_trains_above_the_images_own_side_and_takes_the_cheapest_when_nothing_affords():
@@ -59,7 +60,7 @@ def test_small_images_choose_fastnet_width_from_the_budget():
     short = plan_tier(SMALL_TIERS, 45000, 32, 300, speeds)
     long = plan_tier(SMALL_TIERS, 45000, 32, 600, speeds)
     assert short.tier.width == 0.5 and long.tier.width == 0.75
-    assert short.image_size is None and short.train_size is None and short.batch_size is None  # the 32-px path
+    assert short.image_size is None and short.train_size is None  # the 32-px path: the data's own side
 
 
 def test_training_side_ramps_up_in_steps_then_holds():
@@ -98,7 +99,7 @@ def test_measure_speeds_times_only_what_could_be_chosen(monkeypatch):
     speeds = plan_module.measure_speeds(PHOTO_TIERS, 9000, 224, 300, CPU)
     assert set(speeds) == set(PHOTO_TIERS)  # every usable tier has a speed, timed or estimated
     assert timed == list(PHOTO_TIERS[:len(timed)]) and 1 <= len(timed) < len(PHOTO_TIERS)
-    need = MIN_EPOCHS["photonet"]
+    need = MIN_EPOCHS[PHOTO_TIERS[0].model]
     # every timed tier but the last afforded the epochs; the walk ended at one that did not, or the
     # next one's estimate was too far below them to be worth timing
     assert all(afforded_epochs(t, speeds[t], 9000, 300) >= need for t in timed[:-1])
@@ -136,18 +137,22 @@ def planned_run(tmp_path_factory):
 
 
 def test_the_plan_is_the_first_line_and_its_choice_is_in_config_yaml(planned_run):
-    base, out, stderr = planned_run
-    first = stderr.strip().splitlines()[0]
-    assert first.startswith("plan: photonet") and "progressive" in first and "FixRes" in first, first
+    base, out, stdout = planned_run
+    first = stdout.strip().splitlines()[0]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     optim, data, model = cfg["optim"], cfg["data"], cfg["model"]
-    assert model["model"] == "photonet" and optim["recipe"] == "fast"
-    assert optim["train_size"] and optim["train_size_start"] < optim["train_size"] < data["image_size"] <= 100
-    assert f"{optim['train_size_start']}→{optim['train_size']} px" in first
-    assert f"evaluated at {data['image_size']} px" in first and f"batch {optim['batch_size']}" in first
-    # the budget planned the growing steps' cost: the schedule reached its low end within the budget
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["lr"] < 0.3 * max(r["lr"] for r in records) and records[-1]["elapsed_s"] < 6 * 1.25
+    assert first.startswith(f"plan: {model['model']} (width {model['width']:g})"), first
+    assert model["model"] == PHOTO_TIERS[0].model and optim["recipe"] == "fast"
+    if PHOTO_CROPS:
+        assert "progressive" in first and "FixRes" in first and optim["crop_scale"] > 0
+        assert optim["train_size_start"] < optim["train_size"] < data["image_size"] <= 100
+        assert f"{optim['train_size_start']}→{optim['train_size']} px" in first
+        assert f"evaluated at {data['image_size']} px" in first
+        # the budget planned the growing steps' cost: the schedule reached its low end within the budget
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["lr"] < 0.3 * max(r["lr"] for r in records) and records[-1]["elapsed_s"] < 6 * 1.25
+    else:
+        assert optim["crop_scale"] == 0 and f"at {data['image_size']} px" in first
     # evaluation, predict and export see the stored (FixRes) side
     meta = json.loads((out / "model.json").read_text())
     assert meta["preprocess"] == {"resize": data["image_size"], "crop": data["image_size"]}
@@ -171,7 +176,7 @@ def test_photos_without_budget_or_epochs_get_the_default_budget(tmp_path, monkey
     monkeypatch.setattr(plan_module, "probe_speed", lambda tier, side, device: 1000.0 / (tier.size or 32))
     cfg, line = plan_module.plan_run(Config.from_dict({"data": str(tmp_path / "photos")}), CPU, world(CPU))
     assert cfg.optim.time_budget == DEFAULT_PHOTO_BUDGET and "the default for photos" in line
-    assert cfg.model.model == "photonet" and cfg.optim.train_size <= 100
+    assert cfg.model.model == PHOTO_TIERS[0].model and cfg.data.image_size <= 100
     # a given model, or given epochs on small images, are left to the recipe
     given = Config.from_dict({"data": str(tmp_path / "photos"), "model": "seedcnn"})
     assert plan_module.plan_run(given, CPU, world(CPU)) == (given, None)

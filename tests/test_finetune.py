@@ -293,7 +293,12 @@ def test_timm_imagenet_weights_go_through_timm_loader(tmp_path, monkeypatch):
     state = timm.create_model("resnet10t", pretrained=False).state_dict()
     path = tmp_path / "resnet10t.safetensors"
     save_file(state, str(path))
-    monkeypatch.setattr(finetune, "fetch_pretrained", lambda url, filename: path)
+    import huggingface_hub
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename: fetched.append((repo_id, filename)) or str(path))
+    monkeypatch.setattr(finetune, "fetch_pretrained", lambda url, filename: pytest.fail("timm weights via torch hub"))
     model = create_model("timm:resnet10t", num_classes=3, in_channels=1)
     cfg = config_for(model="timm:resnet10t", weights="imagenet")
     preprocessing = finetune.load_initial_weights(model, cfg, get_spec("timm:resnet10t"), 3)
@@ -302,6 +307,20 @@ def test_timm_imagenet_weights_go_through_timm_loader(tmp_path, monkeypatch):
     torch.testing.assert_close(loaded[stem], state[stem].sum(1, keepdim=True))
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if k != stem and not k.startswith("fc."))
     assert len(preprocessing["mean"]) == 1 and model.fc.out_features == 3
+    assert fetched == [(timm.models.get_pretrained_cfg("resnet10t").hf_hub_id, "model.safetensors")]
+
+
+def test_timm_weights_offline_and_not_cached_is_one_line(tmp_path):
+    """The real huggingface_hub in offline mode with an empty cache: a one-line error, no traceback."""
+    pytest.importorskip("timm")
+    from conftest import run_cli
+
+    result = run_cli("train", "--data", "digits", "--model", "timm:resnet10t", "--weights", "imagenet",
+                     "--out", tmp_path / "run", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    message = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+    assert message.startswith("error: cannot fetch model.safetensors of timm/resnet10t")
+    assert "Hugging Face Hub" in message and "HF_ENDPOINT" in message
 
 
 # --- freezing -----------------------------------------------------------------------------------

@@ -171,14 +171,15 @@ def test_small_images_keep_translate_and_flip(monkeypatch):
     below = resolve_recipe(Config.from_dict({"data": "x"}), image_size=PHOTO_MIN_SIZE - 1)
     assert below.model.model == "fastnet" and below.optim.crop_scale == 0
     photos = resolve_recipe(Config.from_dict({"data": "x"}), image_size=PHOTO_MIN_SIZE)
-    assert photos.model.model == "photonet" and photos.optim.crop_scale == 0.35
+    assert photos.model.model == "fastnet" and photos.optim.crop_scale == 0.35
     assert resolve_crop_padding(photos, PHOTO_MIN_SIZE) == 0
-    # photonet's own lr and bias multiplier (the recipe's diverged), unless the user set them
-    assert (photos.optim.lr, photos.optim.bias_lr_mult) == (0.6, 1.0)
-    typed = resolve_recipe(Config.from_dict({"data": "x", "lr": 0.2}), image_size=PHOTO_MIN_SIZE)
+    assert (photos.optim.lr, photos.optim.bias_lr_mult) == (RECIPES["fast"].lr, RECIPES["fast"].bias_lr_mult)
+    # photonet's own lr and bias multiplier (the recipe's diverged) and crops at any side, unless set
+    photonet = resolve_recipe(Config.from_dict({"data": "x", "model": "photonet"}), image_size=64)
+    assert (photonet.optim.recipe, photonet.optim.lr, photonet.optim.bias_lr_mult) == ("fast", 0.6, 1.0)
+    assert photonet.optim.crop_scale == 0.35
+    typed = resolve_recipe(Config.from_dict({"data": "x", "model": "photonet", "lr": 0.2}), image_size=128)
     assert (typed.optim.lr, typed.optim.bias_lr_mult) == (0.2, 1.0)
-    fastnet = resolve_recipe(Config.from_dict({"data": "x", "model": "fastnet"}), image_size=PHOTO_MIN_SIZE)
-    assert (fastnet.optim.lr, fastnet.optim.bias_lr_mult) == (RECIPES["fast"].lr, RECIPES["fast"].bias_lr_mult)
     chosen = resolve_recipe(Config.from_dict({"data": "x", "model": "seedcnn", "crop_scale": 0.5}), image_size=128)
     assert chosen.model.model == "seedcnn" and chosen.optim.crop_scale == 0.5
 

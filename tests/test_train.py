@@ -40,6 +40,19 @@ def test_evaluate_in_new_process_reproduces_training_exactly(digits_run):
     assert {"accuracy", "top5_accuracy", "loss", "num_images"} <= set(fresh)
 
 
+def test_evaluate_with_or_without_tta_scores_a_variant_and_keeps_eval_json(digits_run):
+    before = (digits_run / "eval.json").read_text()
+    assert json.loads(before)["tta"] is False  # digits train without mirror TTA (a mirrored digit is another)
+    proc = run_cli("evaluate", digits_run, "--tta")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("test accuracy") and "(no TTA)" not in proc.stdout
+    mirrored = json.loads(run_cli("evaluate", digits_run, "--tta", "--json").stdout)
+    assert mirrored["tta"] is True and mirrored["loss"] != json.loads(before)["loss"]  # other logits
+    assert (digits_run / "eval.json").read_text() == before  # a variant never replaces the run's scoring
+    plain = run_cli("evaluate", digits_run, "--no-tta")
+    assert "(no TTA)" in plain.stdout and plain.returncode == 0
+
+
 def test_val_accuracy_of_best_epoch_reproduced(digits_run):
     meta = json.loads((digits_run / "model.json").read_text())
     proc = run_cli("evaluate", digits_run, "--split", "val", "--json")

@@ -75,7 +75,7 @@ def resume_settings(args) -> dict:
 def cmd_evaluate(args) -> int:
     from visionrecipe.evaluate.scoring import evaluate_run
 
-    result = evaluate_run(args.run, data=args.data, split=args.split, device=args.device)
+    result = evaluate_run(args.run, data=args.data, split=args.split, device=args.device, tta=args.tta)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if args.per_class or k != "per_class"}))
         return 0
@@ -84,7 +84,7 @@ def cmd_evaluate(args) -> int:
               f"macro {100 * result['f1_macro']:.2f}% at threshold {result['threshold']:g}  "
               f"loss {result['loss']:.4f}  ({result['num_images']:,} images)")
     else:
-        print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}%  "
+        print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}%{'' if result['tta'] else ' (no TTA)'}  "
               f"balanced accuracy {100 * result['balanced_accuracy']:.2f}%  macro-F1 {100 * result['f1_macro']:.2f}%  "
               f"top-5 {100 * result['top5_accuracy']:.2f}%  loss {result['loss']:.4f}  "
               f"({result['num_correct']:,}/{result['num_images']:,} images)")

@@ -221,6 +221,8 @@ class EvaluateOptions:
     split: str = opt("test", "the split to score", choices=("train", "val", "test"))
     json: bool = opt(False, "print one JSON object")
     per_class: bool = opt(False, "precision, recall, F1 and support per class")
+    tta: bool | None = opt(None, "score with the mirror test-time augmentation (default: as the run was trained; "
+                                 "--no-tta: the image alone, as leaderboards score)")
 
 
 @dataclass

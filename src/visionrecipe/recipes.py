@@ -75,26 +75,24 @@ class SizeRule:
     min_size: int  # the stored image's side, in pixels
     model: str
     crop_scale: float  # random-resized crops' smallest area share; 0: translate by crop_padding instead
-    # The fast recipe's lr (per 1024 images) and BatchNorm-bias multiplier for this rule's model, when
-    # they differ from the recipe's (None: the recipe's). Only when the rule's model is the one trained.
-    lr: float | None = None
-    bias_lr_mult: float | None = None
 
 
-# Stored side from which the default recipe trains photonet with crops. Fitted to Imagenette at 300 s on
-# 2 cores (BENCHMARKS.md, "Photos"): at 64 px fastnet wins (82.6% against 79.2%), at 128 px photonet does
-# (60.1% against fastnet's 31 img/s and one epoch); 96 lies between the two measured sizes.
+# Stored side from which photos train on random-resized crops; below it, translate-and-flip (CIFAR's
+# 32 px). Imagenette on 2 cores, 300 s (BENCHMARKS.md, "Photos"): fastnet beat photonet at every side
+# tried (82.6% at 64 px against photonet's 79.2% at 64 and 72.8% at 96→128), so fastnet is the net.
 PHOTO_MIN_SIZE = 96
+CROP_SCALE = 0.35  # torchvision's RandomResizedCrop uses 0.08; fast.ai's Imagenette runs 0.35
 
-# Photos need an early-downsampling net and random-resized crops; fastnet's three pooling stages and
-# 2-px translations suit CIFAR's 32 px, and its cost grows with the square of the side.
 SIZE_RULES = (
-    # photonet diverged at the fast recipe's lr 1.5 with BatchNorm biases at ×64 (Imagenette 64 px, epoch 9:
-    # 58% → 9%); lr 0.6 with biases at ×1 trains steadily (BENCHMARKS.md, "Photos").
-    SizeRule(min_size=PHOTO_MIN_SIZE, model="photonet", crop_scale=0.35, lr=0.6, bias_lr_mult=1.0),
+    SizeRule(min_size=PHOTO_MIN_SIZE, model="fastnet", crop_scale=CROP_SCALE),
     SizeRule(min_size=0, model="fastnet", crop_scale=0.0),
 )
 
+# The fast recipe's lr (per 1024 images) and BatchNorm-bias multiplier for nets whose own differ, when
+# the user set neither. photonet diverged at the recipe's lr 1.5 with BatchNorm biases at ×64
+# (Imagenette 64 px, epoch 9: 58% → 9%); lr 0.6 with biases at ×1 trains steadily. It takes crops at any side.
+FAST_RATES = {"photonet": {"lr": 0.6, "bias_lr_mult": 1.0}}
+CROPPED_NETS = ("photonet",)
 
 # The nets the fast recipe is tuned for: given by --model (or chosen by the policy), they keep it.
 OWN_NETS = ("fastnet", "photonet")
@@ -130,18 +128,22 @@ class Tier:
 SMALL_TIERS = (  # fastnet at the data's side: width is the lever (1,272 / 674 / 411 img/s at 32 px)
     Tier("fastnet", width=0.5), Tier("fastnet", width=0.75), Tier("fastnet", width=1.0),
 )
-PHOTO_TIERS = (  # photonet: the training side first, then depth (1,193 / 513 / 275 / 181 / 124 img/s ...)
-    Tier("photonet", 64), Tier("photonet", 96), Tier("photonet", 112), Tier("photonet", 128),
-    Tier("photonet", 128, depth=2), Tier("photonet", 160, depth=2), Tier("photonet", 192, depth=2),
-    Tier("photonet", 224, depth=2),
+# Photos: fastnet (width 0.5) at a growing training side, then wider (a GPU affords those). Measured on
+# Imagenette in 300 s on 2 cores, fastnet at 64 px (82.6%) beat photonet at every side and schedule
+# tried (64 px: 79.2%; 96→128 px progressive: 72.8%), so photonet stays a model to choose, not a tier.
+PHOTO_TIERS = tuple(Tier("fastnet", side, width=0.5) for side in (64, 80, 96, 112, 128, 160, 192, 224)) + (
+    Tier("fastnet", 160, width=1.0), Tier("fastnet", 224, width=1.0),
 )
-# The policy takes the costliest tier that still affords this many epochs in the budget: fewer
-# epochs of a bigger model lost to more epochs of a smaller one in the measurements (a from-scratch
-# photo net needs more passes than CIFAR's whitened fastnet).
+# The policy takes the costliest tier that still affords this many epochs in the budget. Fitted on
+# CIFAR-10 at 600 s: width 0.75 in 8 epochs (87.3%) beat width 0.5 in 17 (86.9%), and width 0.5 is near
+# its ceiling by 8 (86.3% at 300 s); at 300 s Imagenette affords 7 epochs at 64 px, the cheapest tier.
 MIN_EPOCHS = {"fastnet": 8.0, "photonet": 16.0}
-# A whole run's images/s as a share of the probe's (augmentation, EMA, validation, TTA): measured,
-# fastnet 1,253 of 1,272 on CIFAR-10; photonet 167 of 275 at 128 px on Imagenette.
-RUN_EFFICIENCY = {"fastnet": 0.95, "photonet": 0.6}
+# A whole run's images/s as a share of the probe's (augmentation, EMA, validation with TTA, the
+# recipe's batch): measured, fastnet 1,253 of 1,272 on CIFAR-10; fastnet at 64 px 192 of 297 on Imagenette.
+RUN_EFFICIENCY = {"small": 0.95, "photo": 0.65}
+# Photos train on random-resized crops (progressive resizing, FixRes) when this holds, else on
+# translate-and-flip at the stored side: inet300_D in BENCHMARKS.md decided it.
+PHOTO_CROPS = True
 # Progressive resizing (photos): the training side starts at PROGRESSIVE_START × the final side and
 # grows linearly to it over the first PROGRESSIVE_RAMP of the steps (multiples of SIDE_STEP px);
 # evaluation is at FIXRES × the final side ("FixRes": random-resized crops zoom in, so objects look
@@ -150,17 +152,14 @@ PROGRESSIVE_START = 0.75
 PROGRESSIVE_RAMP = 0.75
 SIDE_STEP = 16
 FIXRES = 1.15
-# Photo batch: the largest power of two in [32, 512] that still gives the run this many optimizer
-# steps (a few thousand photos at batch 512 are 16 steps an epoch: far too few updates).
-PHOTO_MIN_STEPS = 1000
 # `train --data PHOTOS` with neither --epochs nor --time-budget trains this long (seconds): minutes on
 # a laptop-class CPU, whatever the folder's size.
 DEFAULT_PHOTO_BUDGET = 240.0
 
 
 def photo_data(side: int | None) -> bool:
-    """Whether images of this stored (or native) side take the photo path (photonet, crops)."""
-    return size_rule(side).model == "photonet"
+    """Whether images of this stored (or native) side take the photo path (crops, PHOTO_TIERS)."""
+    return size_rule(side).crop_scale > 0
 
 
 def training_side(final: int, start: int, step: int, total_steps: int) -> int:
@@ -213,8 +212,8 @@ def usable_tiers(tiers: tuple[Tier, ...], native: int | None) -> list[Tier]:
 def run_speed(tier: Tier, probe_speed: float) -> float:
     """A whole run's images/s from a probe's at the final side: RUN_EFFICIENCY, and the cheaper
     early steps of progressive resizing."""
-    cost = progressive_cost(tier.size, progressive_start(tier.size)) if tier.size else 1.0
-    return probe_speed * RUN_EFFICIENCY.get(tier.model, 1.0) / cost
+    cost = progressive_cost(tier.size, progressive_start(tier.size)) if tier.size and PHOTO_CROPS else 1.0
+    return probe_speed * RUN_EFFICIENCY["small" if tier.size is None else "photo"] / cost
 
 
 def afforded_epochs(tier: Tier, probe_speed: float, n_train: int, budget: float) -> float:
@@ -230,7 +229,6 @@ class Plan:
     image_size: int | None  # stored and evaluated side (None: the data's own)
     train_size: int | None  # final training side (None: the stored side)
     train_size_start: int | None  # progressive resizing's first side (None: no ramp)
-    batch_size: int | None  # None: the recipe's
     epochs: float  # the epochs the budget affords at the tier's speed
     images_per_second: float  # the tier's expected speed for a whole run
     reason: str
@@ -249,17 +247,14 @@ def plan_tier(tiers: tuple[Tier, ...], n_train: int, native: int | None, budget:
             chosen = tier
     epochs = afforded_epochs(chosen, speeds[chosen], n_train, budget)
     speed = run_speed(chosen, speeds[chosen])
-    start = progressive_start(chosen.size) if chosen.size else None
     need = MIN_EPOCHS.get(chosen.model, 8.0)
     why = (f"the costliest of {len(usable)} choices that affords {need:g} epochs" if epochs >= need
            else f"the cheapest choice; even it affords under {need:g} epochs")
-    batch = None
-    if chosen.size is not None:  # photos: enough optimizer steps, whatever the folder's size
-        batch = 512
-        while batch > 32 and budget * speed / batch < PHOTO_MIN_STEPS:
-            batch //= 2
-    image_size = eval_side(chosen.size, native) if chosen.size else None
-    return Plan(chosen, image_size, chosen.size, start, batch, epochs, speed, why)
+    if chosen.size is None:
+        return Plan(chosen, None, None, None, epochs, speed, why)
+    if not PHOTO_CROPS:  # translate-and-flip at the stored side: nothing zooms, so no FixRes, no ramp
+        return Plan(chosen, chosen.size, None, None, epochs, speed, why)
+    return Plan(chosen, eval_side(chosen.size, native), chosen.size, progressive_start(chosen.size), epochs, speed, why)
 
 
 def copy_config(cfg: Config, **settings) -> Config:
@@ -284,16 +279,15 @@ def resolve_recipe(cfg: Config, image_size: int | None = None) -> Config:
         cfg.model.model = TRANSFER_MODEL
     if cfg.optim.recipe is None:
         cfg.optim.recipe = "fast" if cfg.model.model in (None, *OWN_NETS) else "standard"
-    # photonet keeps its own rule (crops, lr) at any side: the budget policy may train it at 64 px.
-    rule = SIZE_RULES[0] if cfg.model.model == SIZE_RULES[0].model else size_rule(image_size)
+    rule = size_rule(image_size)
     if cfg.optim.recipe == "fast" and cfg.model.model is None:
         cfg.model.model = rule.model
     if cfg.optim.crop_scale is None:
-        cfg.optim.crop_scale = rule.crop_scale
-    if cfg.optim.recipe == "fast" and cfg.model.model == rule.model:
-        for name in ("lr", "bias_lr_mult"):
-            if getattr(cfg.optim, name) is None and getattr(rule, name) is not None:
-                setattr(cfg.optim, name, getattr(rule, name))
+        cfg.optim.crop_scale = CROP_SCALE if cfg.model.model in CROPPED_NETS else rule.crop_scale
+    if cfg.optim.recipe == "fast":
+        for name, value in FAST_RATES.get(cfg.model.model, {}).items():
+            if getattr(cfg.optim, name) is None:
+                setattr(cfg.optim, name, value)
     for name, value in RECIPES[cfg.optim.recipe].settings().items():
         section, _ = FIELDS[name]
         if getattr(getattr(cfg, section), name) is None:

@@ -103,10 +103,13 @@ def class_balanced_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "test", device: str = "auto",
-                 dataset=None, write: bool = True, data_dir: str | None = None, return_logits: bool = False):
+                 dataset=None, write: bool = True, data_dir: str | None = None, return_logits: bool = False,
+                 tta: bool | None = None):
     """Score a run's best model on a split of its data (or of `data`), and write eval.json.
 
-    With return_logits, returns (result, logits) so a report can show the very predictions scored."""
+    `tta`: score with (True) or without (False) the mirror test-time augmentation; None: as the run
+    was trained (model.json). With return_logits, returns (result, logits) so a report can show the
+    very predictions scored."""
     from visionrecipe.models.checkpoint import load_model
     from visionrecipe.errors import VisionRecipeError
     from visionrecipe.system import select_device
@@ -125,16 +128,16 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
     if tuple(chosen.images.shape[1:]) != tuple(meta["input_size"]):
         raise VisionRecipeError(f"images are {list(chosen.images.shape[1:])} but the model expects {meta['input_size']}")
     model.to(device_t)
-    logits = predict_logits(model, chosen.images, meta["mean"], meta["std"], tta=meta.get("tta", False),
-                            device=device_t)
+    tta = meta.get("tta", False) if tta is None else tta
+    logits = predict_logits(model, chosen.images, meta["mean"], meta["std"], tta=tta, device=device_t)
     if meta.get("task") == "multilabel":  # sigmoid per class: mAP and F1, no softmax calibration
         scores = compute_multilabel_metrics(logits, chosen.labels, meta.get("threshold", 0.5), meta["classes"])
     else:
         scores = {**compute_metrics(logits, chosen.labels, meta["classes"]),
                   **class_balanced_metrics(logits, chosen.labels), **calibration(logits, chosen.labels)}
-    result = {"split": split, "data": dataset.spec, "model": meta["architecture"], **scores,
+    result = {"split": split, "data": dataset.spec, "model": meta["architecture"], "tta": bool(tta), **scores,
               "classes": meta["classes"]}
-    if write:
+    if write and tta == meta.get("tta", False):  # eval.json holds the run's own scoring, not a variant's
         from visionrecipe.rundir import atomic_write_text, locked
 
         with locked(run_dir):  # a training run writes eval.json too: one writer at a time

@@ -68,6 +68,7 @@ class Published:
     std: list[float]
     image_size: int
     timm_name: str | None = None  # set for timm models: their weights go through timm's loader
+    hub_repo: str | None = None  # on the Hugging Face Hub: fetched by huggingface_hub (its cache, token, mirror)
 
 
 def published_weights(spec) -> Published:
@@ -94,15 +95,16 @@ def _published_timm(name: str) -> Published:
         raise VisionRecipeError(f"timm model {name} has no published weights visionrecipe can load")
     if cfg.hf_hub_id:  # timm prefers the Hub too; its files there are timm-format safetensors
         hub_file = cfg.hf_hub_filename or "model.safetensors"
-        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{hub_file}"
-        filename = f"timm-{cfg.hf_hub_id.replace('/', '--')}-{hub_file}"
-    else:
-        url, filename = cfg.url, os.path.basename(cfg.url)
-    return Published(url=url, filename=filename, mean=list(cfg.mean), std=list(cfg.std),
+        return Published(url=f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{hub_file}", filename=hub_file,
+                         mean=list(cfg.mean), std=list(cfg.std), image_size=int(cfg.input_size[-1]), timm_name=name,
+                         hub_repo=cfg.hf_hub_id)
+    return Published(url=cfg.url, filename=os.path.basename(cfg.url), mean=list(cfg.mean), std=list(cfg.std),
                      image_size=int(cfg.input_size[-1]), timm_name=name)
 
 
 def _download(published: Published) -> Path:
+    if published.hub_repo:
+        return _download_from_hub(published)
     try:
         return fetch_pretrained(published.url, published.filename)
     except (urllib.error.URLError, OSError, ConnectionError, TimeoutError) as exc:
@@ -111,6 +113,21 @@ def _download(published: Published) -> Path:
         raise VisionRecipeError(
             f"cannot download the pretrained weights ({reason}): fetch {published.url} and save it as "
             f"{folder / published.filename} (or pass --weights PATH_TO_THAT_FILE)") from None
+
+
+def _download_from_hub(published: Published) -> Path:
+    """The file from the Hugging Face Hub through huggingface_hub, as timm itself fetches it: its cache
+    (HF_HOME), token, mirror (HF_ENDPOINT) and offline mode (HF_HUB_OFFLINE=1: the cache or an error)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(published.hub_repo, published.filename))
+    except Exception as exc:  # offline, not cached, not found, no access: huggingface_hub has many types
+        reason = " ".join(str(exc).split())[:200]
+        raise VisionRecipeError(
+            f"cannot fetch {published.filename} of {published.hub_repo} from the Hugging Face Hub "
+            f"({type(exc).__name__}: {reason}); connect, set HF_ENDPOINT to a mirror, or pass --weights "
+            "PATH_TO_THAT_FILE") from None
 
 
 def read_state_file(path: Path) -> dict[str, torch.Tensor]:

@@ -21,16 +21,18 @@ import torch
 
 from visionrecipe.config import Config
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.recipes import (DEFAULT_PHOTO_BUDGET, MIN_EPOCHS, PHOTO_TIERS, SMALL_TIERS, Plan, Tier,
-                                  afforded_epochs, copy_config, photo_data, plan_tier, usable_tiers)
+from visionrecipe.recipes import (CROP_SCALE, DEFAULT_PHOTO_BUDGET, MIN_EPOCHS, PHOTO_CROPS, PHOTO_TIERS, SMALL_TIERS,
+                                  Plan, Tier, afforded_epochs, copy_config, photo_data, plan_tier, usable_tiers)
 from visionrecipe.system import log
 
-PROBE_BATCH = {"fastnet": 256, "photonet": 128}  # images per timed step (CPU; ×4 on CUDA)
-PROBE_STEPS = 2  # timed, after one untimed step (the first step of a shape builds its kernels)
+# Images per timed step (CPU; ×4 on CUDA): enough for a steady rate, few enough that timing the
+# photo tiers (fastnet at 96 px trains about 85 img/s on 2 cores) takes seconds, not a minute.
+PROBE_BATCH = {"small": 256, "photo": 64}
+PROBE_STEPS = 3  # timed, after one untimed step (the first step of a shape builds its kernels)
 # Tiers whose speed estimated from their MACs would afford under this share of MIN_EPOCHS are not timed.
 PROBE_CUTOFF = 0.6
-# Without a budget (--epochs given) photos train at this tier (128 px: the leaderboard's side).
-NO_BUDGET_TIER = PHOTO_TIERS[3]
+# Without a budget (--epochs given) photos train at this tier (fastnet at 96 px).
+NO_BUDGET_TIER = PHOTO_TIERS[2]
 # The share of free memory a training step may plan to use; the rest is the allocator's slack,
 # the evaluation batches and everything else on the machine.
 MEMORY_SHARE = 0.6
@@ -76,7 +78,7 @@ def _plan(settings: Config, described: tuple[int, int | None], device: torch.dev
         if not photos:
             return None  # small images, a number of epochs: the recipe's own defaults
         plan = plan_tier((NO_BUDGET_TIER,), n_train, native, 1.0, {NO_BUDGET_TIER: 1.0})
-        plan = Plan(plan.tier, plan.image_size, plan.train_size, plan.train_size_start, None, 0.0, 0.0,
+        plan = Plan(plan.tier, plan.image_size, plan.train_size, plan.train_size_start, 0.0, 0.0,
                     "the photo default without a time budget")
     else:
         tiers = PHOTO_TIERS if photos else SMALL_TIERS
@@ -85,8 +87,8 @@ def _plan(settings: Config, described: tuple[int, int | None], device: torch.dev
     chosen = {"model": plan.tier.model, "width": plan.tier.width, "depth": plan.tier.depth}
     if plan.image_size is not None:
         chosen.update(image_size=plan.image_size, train_size=plan.train_size, train_size_start=plan.train_size_start)
-    if plan.batch_size is not None and settings.optim.batch_size is None:
-        chosen["batch_size"] = plan.batch_size
+        if settings.optim.crop_scale is None:  # photos: random-resized crops, or translate-and-flip
+            chosen["crop_scale"] = CROP_SCALE if PHOTO_CROPS else 0.0
     if budget is not None and settings.optim.time_budget is None:
         chosen["time_budget"] = budget
     chosen = {k: v for k, v in chosen.items() if v is not None}
@@ -100,11 +102,12 @@ def describe_plan(plan: Plan, budget: float | None, default_budget: bool, n_trai
     if plan.train_size:
         ramp = f"{plan.train_size_start}→{plan.train_size}" if plan.train_size_start else str(plan.train_size)
         sides = f", training at {ramp} px (progressive), evaluated at {plan.image_size} px (FixRes)"
-    batch = f", batch {plan.batch_size}" if plan.batch_size else ""
+    elif plan.image_size:
+        sides = f" at {plan.image_size} px"
     if budget is None:
-        return f"plan: {plan.tier.describe()}{sides}{batch}: {plan.reason}"
+        return f"plan: {plan.tier.describe()}{sides}: {plan.reason}"
     given = " (the default for photos; --time-budget or --epochs sets another)" if default_budget else ""
-    return (f"plan: {plan.tier.describe()}{sides}{batch}, about {plan.epochs:.0f} epochs of {n_train:,} images "
+    return (f"plan: {plan.tier.describe()}{sides}, about {plan.epochs:.0f} epochs of {n_train:,} images "
             f"in {budget:g} s{given}: {plan.reason} at the measured {plan.images_per_second:.0f} img/s "
             f"(probed in {seconds:.1f} s)")
 
@@ -155,7 +158,7 @@ def probe_speed(tier: Tier, side: int, device: torch.device) -> float:
     """Images/s of training steps (forward, backward, SGD) of the tier's net on random images."""
     model = _build(tier, side, device).to(memory_format=torch.channels_last)
     size = tier.size or side
-    batch = PROBE_BATCH.get(tier.model, 128) * (4 if device.type == "cuda" else 1)
+    batch = PROBE_BATCH["small" if tier.size is None else "photo"] * (4 if device.type == "cuda" else 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -168,15 +171,18 @@ def probe_speed(tier: Tier, side: int, device: torch.device) -> float:
         loss.backward()
         optimizer.step()
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(PROBE_STEPS):
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return PROBE_STEPS * batch / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    step()
+    # The fastest of the timed steps: anything else running on the machine only ever slows a step.
+    return batch / min(timed() for _ in range(PROBE_STEPS))
 
 
 # --- memory ------------------------------------------------------------------------------------------
