@@ -214,3 +214,14 @@ def test_memory_estimate_grows_with_the_side_and_the_batch():
     small, weights = plan_module.step_memory(cfg, 3, 10, 64)
     large, same_weights = plan_module.step_memory(cfg, 3, 10, 128)
     assert weights == same_weights > 0 and 3.5 < large / small < 4.5  # activations ∝ side²
+
+
+def test_fastnet_whitening_reads_a_bounded_number_of_pixels():
+    """The whitening layer's patches are counted in pixels: 5,000 CIFAR images, or far fewer photos (5,000 photos at
+    160 px unfold into 6 GB of float patches, which killed a run)."""
+    from visionrecipe.train.build import WHITENING_PIXELS, whitening_images
+
+    assert whitening_images(32) == 5000
+    for side in (64, 112, 160, 224, 512):
+        assert whitening_images(side) == 64 or whitening_images(side) * side * side <= WHITENING_PIXELS
+        assert whitening_images(side) < 5000

@@ -32,7 +32,14 @@ from visionrecipe.train.augment import SEED_STRIDE, BatchAugment, balanced_order
 from visionrecipe.train.optim import small_data_batch
 from visionrecipe.train.tasks import class_weights, init_prior_bias, task_loss
 
-WHITENING_IMAGES = 5000  # images whose patches set fastnet's whitening layer: a few thousand are plenty
+# Pixels whose patches set fastnet's whitening layer: 5,000 CIFAR images are plenty. Counted in pixels,
+# not images: 5,000 photos at 160 px unfold into 6 GB of float patches (a run was killed for it).
+WHITENING_PIXELS = 5000 * 32 * 32
+
+
+def whitening_images(side: int) -> int:
+    """How many images of `side` px set the whitening layer (at least 64)."""
+    return max(64, WHITENING_PIXELS // (side * side))
 
 
 # --- the config, resolved once ---------------------------------------------------------------------
@@ -125,7 +132,8 @@ class BuiltRun:
         if self.cfg.optim.whiten:
             from visionrecipe.models.fastnet import init_whitening
 
-            init_whitening(model, self.augment.normalise(self.gather(slice(0, WHITENING_IMAGES))).float())
+            count = whitening_images(int(self.images.shape[-1]))
+            init_whitening(model, self.augment.normalise(self.gather(slice(0, count))).float())
         return model
 
     def gather(self, index) -> torch.Tensor:
