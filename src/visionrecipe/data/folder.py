@@ -166,9 +166,10 @@ def describe_folder(root: Path) -> tuple[int, int | None]:
     """(training images, median shorter side in px) of a folder, from its listing and up to
     SIZE_PROBES image headers: what a budget plan needs before anything is decoded. A folder
     without train/ counts all its images (the test share carved later is small)."""
-    listing = _scan(root.expanduser().resolve())
+    root = root.expanduser().resolve()
+    listing = _scan(root)
     train = [rel for rel, part in zip(listing.relpaths, listing.parts) if part in ("train", "pool")]
-    return len(train), median_shorter_side([os.path.join(root.expanduser().resolve(), rel) for rel in train])
+    return len(train), median_shorter_side([os.path.join(root, rel) for rel in train])
 
 
 def _absolute(root: Path, relpaths: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ ordinary settings, so config.yaml holds them and a resume replays them without m
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -208,15 +209,8 @@ def step_memory(cfg: Config, channels: int, classes: int, side: int) -> tuple[in
     model = create_model(cfg.model.model, classes, in_channels=channels, image_size=side, head=cfg.model.head,
                          **cfg.model.options())
     rows = module_layer_table(model, (channels, side, side))
-    per_image = ACTIVATION_FACTOR * sum(_numel(row["output_shape"]) for row in rows)
+    per_image = ACTIVATION_FACTOR * sum(math.prod(row["output_shape"]) for row in rows)
     return per_image, 4 * 4 * sum(p.numel() for p in model.parameters())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def fit_memory(cfg: Config, data, device: torch.device, processes: int = 1) -> tuple[Config, str | None]:
