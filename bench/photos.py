@@ -7,7 +7,8 @@
 (b) visionrecipe with the same resnet18 (the data path alone): `visionrecipe train --model resnet18` at the same
     training side: images decoded once into the record cache at the FixRes side (recipes.eval_side), batched
     random-resized crops and flips on the device; images/s is the trainer's own (metrics.jsonl), validation excluded.
-(c) visionrecipe with its photo net (photonet, the fast recipe), otherwise as (b).
+(c) visionrecipe with its default photo net (fastnet width 0.5, the net the budget policy starts photos on,
+    the fast recipe), otherwise as (b).
 
 Both train on the same subset (the first --images files of train/, in a temporary folder of links), in fresh
 processes with the same thread count, for --seconds of training each (after warm-up steps for (a); for (b)
@@ -69,11 +70,11 @@ def torchvision_rate(folder: Path, side: int, seconds: float, threads: int) -> f
                     return seen / (time.perf_counter() - started)
 
 
-def visionrecipe_rate(folder: Path, side: int, seconds: float, threads: int, cache: Path, model: str) -> dict:
+def visionrecipe_rate(folder: Path, side: int, seconds: float, threads: int, cache: Path, model: list[str]) -> dict:
     from visionrecipe.recipes import eval_side
 
     out = Path(tempfile.mkdtemp()) / "run"
-    cmd = [sys.executable, "-m", "visionrecipe", "train", "--data", str(folder), "--model", model,
+    cmd = [sys.executable, "-m", "visionrecipe", "train", "--data", str(folder), "--model", *model,
            "--image-size", str(eval_side(side, None)), "--train-size", str(side), "--batch-size", "64",
            "--time-budget", str(seconds), "--threads", str(threads), "--out", str(out), "--no-progress",
            "--no-report", "--data-dir", str(cache), "--val-fraction", "0.1"]
@@ -110,13 +111,13 @@ def main() -> None:
         if line is None:
             sys.exit(proc.stderr[-3000:])
         torchvision = float(line.split()[1])
-        same = visionrecipe_rate(folder, side, args.seconds, args.threads, work / "cache", "resnet18")
-        ours = visionrecipe_rate(folder, side, args.seconds, args.threads, work / "cache", "photonet")
+        same = visionrecipe_rate(folder, side, args.seconds, args.threads, work / "cache", ["resnet18"])
+        ours = visionrecipe_rate(folder, side, args.seconds, args.threads, work / "cache", ["fastnet", "--width", "0.5"])
         rows.append((side, torchvision, same, ours))
         print(f"{side} px: torchvision {torchvision:.1f} img/s, visionrecipe resnet18 {same['images_per_second']:.1f}, "
-              f"photonet {ours['images_per_second']:.1f} (decode {ours['decode_s']:.1f} s)", flush=True)
+              f"fastnet {ours['images_per_second']:.1f} (decode {ours['decode_s']:.1f} s)", flush=True)
     print("\n| side | (a) torchvision loop, resnet18 | (b) visionrecipe, resnet18 | (b)/(a) "
-          "| (c) visionrecipe, photonet | (c)/(a) | decode once |")
+          "| (c) visionrecipe, fastnet w0.5 | (c)/(a) | decode once |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for side, torchvision, same, ours in rows:
         print(f"| {side} px | {torchvision:.1f} | {same['images_per_second']:.1f} | "

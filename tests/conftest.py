@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,46 @@ def digits_run(tmp_path_factory) -> Path:
     train(data="digits", model="seedcnn", epochs=6, out=str(out), progress=False, report=False,
           data_dir=str(tmp_path_factory.mktemp("cache")))
     return out
+
+
+# --- exact resume ------------------------------------------------------------------------------------
+TIMING = ("img_per_s", "elapsed_s")  # metrics.jsonl's wall-clock fields: all else must match on resume
+
+
+def metrics_without_timing(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    import torch
+
+    left, right = load_file(str(a)), load_file(str(b))
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), f"{a.name}: {key} differs"
+
+
+def assert_interrupted_run_resumes_exactly(settings: dict, tmp_path: Path, before_resume=None) -> Path:
+    """Trains `settings` whole, then again interrupted (SIGINT at the end of the first epoch: it stops
+    one step into the second), resumed; the resumed run's metrics and weights equal the whole run's,
+    bit for bit. `before_resume(run_dir)`: checks on the interrupted run. Returns the resumed run."""
+    from visionrecipe import train
+    from visionrecipe.config import Config
+    from visionrecipe.train.loop import Trainer, TrainingInterrupted, resume
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    train(**settings, out=str(reference))
+    trainer = Trainer(Config.from_dict({**settings, "out": str(killed)}),
+                      on_epoch=lambda record: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    if before_resume is not None:
+        before_resume(killed)
+    resume(killed)
+    assert metrics_without_timing(killed) == metrics_without_timing(reference)
+    for name in ("model.safetensors", "last.safetensors"):
+        assert_same_tensors(killed / name, reference / name)
+    return killed

@@ -225,3 +225,44 @@ def test_fastnet_whitening_reads_a_bounded_number_of_pixels():
     for side in (64, 112, 160, 224, 512):
         assert whitening_images(side) == 64 or whitening_images(side) * side * side <= WHITENING_PIXELS
         assert whitening_images(side) < 5000
+
+
+def test_auto_on_photos_trains_every_trial_and_the_final_run_at_the_policy_sides(tmp_path):
+    """`auto` plans like `train --time-budget`: its plan stage fixes the sides and crops for the
+    final run's budget, and the search explores the rest at them."""
+    pytest.importorskip("optuna")
+    write_photos(tmp_path / "photos")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"include_defaults": False, "model": "fastnet", "width": 0.25, "epochs": 1,
+                                     "lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}))
+    out = tmp_path / "auto"
+    result = run_cli("auto", "--data", tmp_path / "photos", "--data-dir", tmp_path / "cache", "--search-budget", 40,
+                     "--space", space, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("plan:") and "every trial and the final run train at these sides" in lines[0]
+    final = yaml.safe_load((out / "final" / "config.yaml").read_text())
+    trial = yaml.safe_load(next((out / "tune" / "trials").glob("*/config.yaml")).read_text())
+    for cfg in (final, trial):
+        assert cfg["model"]["model"] == "fastnet"  # the space's model, at the plan's sides
+        assert 0 < cfg["optim"]["train_size"] <= cfg["data"]["image_size"] <= 100
+    sides = lambda c: (c["data"]["image_size"], c["optim"]["train_size"], c["optim"]["train_size_start"],  # noqa: E731
+                       c["optim"]["crop_scale"])
+    assert sides(final) == sides(trial)
+    assert f"→{final['optim']['train_size']} px, evaluated at {final['data']['image_size']} px" in lines[0]
+
+
+def test_a_fixed_input_net_trains_at_the_stored_side(tmp_path, capsys):
+    """seedcnn's classifier is sized for one input side: given the policy's training sides (auto's
+    plan stage gives them to every trial) it trains at the stored side instead, and says so."""
+    from visionrecipe.data import load_dataset
+    from visionrecipe.train.build import resolve
+
+    write_photos(tmp_path / "photos", per_class=4)
+    data = load_dataset(str(tmp_path / "photos"), data_dir=tmp_path / "cache", image_size=72, progress=False)
+    settings = {"data": str(tmp_path / "photos"), "image_size": 72, "train_size": 64, "train_size_start": 48}
+    resolved = resolve(Config.from_dict({**settings, "model": "seedcnn"}), "cpu", data)
+    assert (resolved.optim.train_size, resolved.optim.train_size_start) == (None, None)
+    assert "seedcnn takes 72 px inputs only" in capsys.readouterr().err
+    fastnet = resolve(Config.from_dict({**settings, "model": "fastnet"}), "cpu", data)
+    assert fastnet.optim.train_size == 64  # a net that takes any side keeps them

@@ -26,9 +26,8 @@ from visionrecipe.cli import main
 from visionrecipe.errors import VisionRecipeError
 from visionrecipe.train.loop import Trainer, TrainingInterrupted
 
-from conftest import run_cli
+from conftest import assert_interrupted_run_resumes_exactly, assert_same_tensors, metrics_without_timing, run_cli
 
-TIMING = ("img_per_s", "elapsed_s")  # the only fields allowed to differ between two runs
 
 
 def digits_args(out: Path, *extra) -> list[str]:
@@ -54,18 +53,6 @@ def read_state(path: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError):
         return None
-
-
-def metrics_without_timing(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    left, right = load_file(str(a)), load_file(str(b))
-    assert left.keys() == right.keys()
-    for key in left:
-        assert torch.equal(left[key], right[key]), f"{a.name}: {key} differs"
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -353,7 +340,7 @@ def test_resume_checks_the_config_file_like_flags(digits_run, tmp_path, capsys):
 
 
 def test_write_failure_is_one_line_error_and_keeps_earlier_files(tmp_path):
-    from conftest import run_cli_with_file_limit
+    from conftest import assert_interrupted_run_resumes_exactly, assert_same_tensors, metrics_without_timing, run_cli_with_file_limit
 
     out = tmp_path / "run"
     # 200 KB: config.yaml and metrics.jsonl fit, the 2.4 MB weights do not (as on a full disk).
@@ -371,9 +358,6 @@ def test_fp16_resume_matches_uninterrupted_run_scaler_included(tmp_path):
     interrupted mid-epoch and resumed, the run ends as an uninterrupted one, bit for bit."""
     from sklearn.datasets import load_digits
 
-    from visionrecipe.config import Config
-    from visionrecipe.train.loop import resume
-
     digits = load_digits()
     for i, (image, label) in enumerate(zip(digits.images[:120], digits.target[:120])):
         path = tmp_path / "images" / str(label) / f"{i}.png"
@@ -383,18 +367,12 @@ def test_fp16_resume_matches_uninterrupted_run_scaler_included(tmp_path):
     settings = {"data": str(tmp_path / "images"), "data_dir": str(tmp_path / "cache"), "model": "fastnet",
                 "width": 0.125, "depth": 2, "epochs": 2, "batch_size": 16, "precision": "fp16",
                 "deterministic": True, "progress": False, "report": False}
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    train(**settings, out=str(reference))
-    trainer = Trainer(Config.from_dict({**settings, "out": str(killed)}),
-                      on_epoch=lambda record: os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(TrainingInterrupted):
-        trainer.fit()
-    state = read_state(killed / "state.pt")
-    assert (state["epoch"], state["position"]) == (1, 1)
-    assert state["scaler"]["scale"] < 2.0**16  # fp16 overflowed and the scaler backed off: a resume must know
-    resume(killed)
 
-    assert metrics_without_timing(killed) == metrics_without_timing(reference)
-    for name in ("model.safetensors", "last.safetensors"):
-        assert_same_tensors(killed / name, reference / name)
+    def interrupted(killed):
+        state = read_state(killed / "state.pt")
+        assert (state["epoch"], state["position"]) == (1, 1)
+        assert state["scaler"]["scale"] < 2.0**16  # fp16 overflowed and the scaler backed off: a resume must know
+
+    killed = assert_interrupted_run_resumes_exactly(settings, tmp_path, before_resume=interrupted)
+    reference = tmp_path / "reference"
     assert read_state(killed / "state.pt")["scaler"] == read_state(reference / "state.pt")["scaler"]

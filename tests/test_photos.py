@@ -211,3 +211,22 @@ def test_mixed_folder_trains_and_predicts_with_no_size_flags(mixed_run):
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert len(rows) == 8 and all("top" in row for row in rows)
+
+
+def test_photos_are_scored_in_batches_sized_by_pixels():
+    """Evaluation scores 500 CIFAR images at once but fewer photos: 500 at 160 px keep 1.6 GB per
+    32-channel feature map. The logits do not depend on the batch."""
+    from visionrecipe.evaluate.scoring import eval_batch, predict_logits
+    from visionrecipe.models import create_model
+
+    assert eval_batch(torch.zeros(1000, 3, 32, 32, dtype=torch.uint8)) == 500
+    assert eval_batch(torch.zeros(1000, 3, 64, 64, dtype=torch.uint8)) == 256
+    assert eval_batch(torch.zeros(10, 3, 224, 224, dtype=torch.uint8)) == 20
+    assert eval_batch(torch.zeros(10, 3, 1024, 1024, dtype=torch.uint8)) == 16  # never fewer
+    torch.manual_seed(0)
+    model = create_model("fastnet", 3, in_channels=3, image_size=96, width=0.25).eval()
+    images = torch.randint(0, 256, (50, 3, 96, 96), dtype=torch.uint8)
+    by_pixels = predict_logits(model, images, [0.5] * 3, [0.25] * 3)  # eval_batch: 44 then 6
+    one_batch = predict_logits(model, images, [0.5] * 3, [0.25] * 3, batch_size=50)
+    assert by_pixels.shape == (50, 3)
+    torch.testing.assert_close(by_pixels, one_batch, rtol=1e-4, atol=1e-4)

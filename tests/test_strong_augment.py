@@ -4,24 +4,20 @@ the flags through config.yaml, and exact resume with them on."""
 from __future__ import annotations
 
 import math
-import os
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from visionrecipe import train
 from visionrecipe.cli import main
 from visionrecipe.config import Config, load_config
 from visionrecipe.train import strong_augment
 from visionrecipe.train.augment import BatchAugment
-from visionrecipe.train.loop import Trainer, TrainingInterrupted, resume
 from visionrecipe.train.strong_augment import OP_INDEX, OPS, apply_ops, mix_batch, trivial_augment
 from visionrecipe.train.tasks import cross_entropy
 
-from test_faults import assert_same_tensors, metrics_without_timing
+from conftest import assert_interrupted_run_resumes_exactly, metrics_without_timing
 
 
 def images(n=6, channels=3, height=13, width=17, seed=0) -> torch.Tensor:
@@ -261,16 +257,8 @@ def test_resume_with_trivial_augment_and_mixup_matches_an_uninterrupted_run(tmp_
     settings = {"data": "digits", "data_dir": str(tmp_path / "cache"), "model": "seedcnn", "epochs": 2,
                 "batch_size": 64, "auto_augment": "trivial", "mixup": 0.2, "cutmix": 1.0, "deterministic": True,
                 "progress": False, "report": False}
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    train(**settings, out=str(reference))
-    trainer = Trainer(Config.from_dict({**settings, "out": str(killed)}),
-                      on_epoch=lambda record: os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(TrainingInterrupted):
-        trainer.fit()
-    state = torch.load(killed / "state.pt", map_location="cpu", weights_only=True)
-    assert (state["epoch"], state["position"]) == (1, 1)  # stopped one step into epoch 2
-    resume(killed)
+    def interrupted(killed):
+        state = torch.load(killed / "state.pt", map_location="cpu", weights_only=True)
+        assert (state["epoch"], state["position"]) == (1, 1)  # stopped one step into epoch 2
 
-    assert metrics_without_timing(killed) == metrics_without_timing(reference)
-    for name in ("model.safetensors", "last.safetensors"):
-        assert_same_tensors(killed / name, reference / name)
+    assert_interrupted_run_resumes_exactly(settings, tmp_path, before_resume=interrupted)

@@ -19,15 +19,27 @@ import torch.nn.functional as F
 
 from visionrecipe.train.tasks import compute_multilabel_metrics  # noqa: F401  (evaluate's multilabel scores)
 
+# Images scored at once: 500 at 32 px, fewer for larger images, by pixels (500 photos at 160 px keep
+# 1.6 GB per feature map of a 32-channel layer, and a streamed run in a 2 GiB container was killed).
 EVAL_BATCH = 500
+EVAL_PIXELS = 256 * 64 * 64  # 20 images at 224 px: at most ~0.5 GB for two 64-channel maps
+MIN_EVAL_BATCH = 16
+
+
+def eval_batch(images) -> int:
+    """How many of `images` (N×C×H×W: a tensor, or the record cache's MappedImages) are scored at once."""
+    height, width = tuple(images.shape)[-2:]
+    return max(MIN_EVAL_BATCH, min(EVAL_BATCH, EVAL_PIXELS // max(1, height * width)))
 
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, mean, std, *, tta: bool = False,
                    device: torch.device | str = "cpu", channels_last: bool = True,
-                   batch_size: int = EVAL_BATCH) -> torch.Tensor:
-    """Logits (float32, CPU) for uint8 N×C×H×W images; with tta, the mean over the image and its mirror."""
+                   batch_size: int | None = None) -> torch.Tensor:
+    """Logits (float32, CPU) for uint8 N×C×H×W images; with tta, the mean over the image and its mirror.
+    `batch_size`: images scored at once, default eval_batch's."""
     device = torch.device(device)
+    batch_size = batch_size or eval_batch(images)
     was_training = model.training
     model.eval()
     c = len(mean)

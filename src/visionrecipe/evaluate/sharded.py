@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from visionrecipe.evaluate.scoring import EVAL_BATCH, predict_logits
+from visionrecipe.evaluate.scoring import eval_batch, predict_logits
 from visionrecipe.system import World
 
 
@@ -22,7 +22,7 @@ def sharded_logits(world: World, model: torch.nn.Module, images: torch.Tensor, m
     if world.size == 1:
         return predict_logits(model, images, mean, std, **options)
     world.broadcast_module(model)
-    batch = options.get("batch_size", EVAL_BATCH)
+    batch = options.get("batch_size") or eval_batch(images)
     starts = range(0, len(images), batch)
     mine = {start: predict_logits(model, images[start:start + batch], mean, std, **options)
             for start in starts[world.rank::world.size]}

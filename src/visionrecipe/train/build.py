@@ -28,6 +28,7 @@ from visionrecipe.config import Config
 from visionrecipe.data import Dataset, channel_stats, load_dataset
 from visionrecipe.models import create_model, get_spec
 from visionrecipe.recipes import copy_config, resolve_crop_padding, resolve_device_defaults, resolve_recipe
+from visionrecipe.system import warn
 from visionrecipe.train.augment import SEED_STRIDE, BatchAugment, balanced_order, epoch_order
 from visionrecipe.train.optim import small_data_batch
 from visionrecipe.train.tasks import class_weights, init_prior_bias, task_loss
@@ -40,6 +41,10 @@ WHITENING_PIXELS = 5000 * 32 * 32
 def whitening_images(side: int) -> int:
     """How many images of `side` px set the whitening layer (at least 64)."""
     return max(64, WHITENING_PIXELS // (side * side))
+
+
+# Nets whose layers are sized for one input side (seedcnn's flattened classifier): no progressive resizing.
+FIXED_INPUT_FAMILIES = ("seedcnn",)
 
 
 # --- the config, resolved once ---------------------------------------------------------------------
@@ -62,7 +67,13 @@ def resolve(cfg: Config, device_type: str, data: Dataset | None = None, processe
         # Decode at the size the weights were trained at (also checks they exist, before decoding).
         settings["image_size"] = pretrained_image_size(resolved, spec)
     if data is not None:
-        settings["crop_padding"] = resolve_crop_padding(resolved, data.train.images.shape[2])
+        stored = int(data.train.images.shape[2])
+        if spec.family in FIXED_INPUT_FAMILIES and resolved.optim.train_size not in (None, stored):
+            # auto's plan gives every trial the policy's sides; a fixed-input net trains at the stored side
+            warn(f"{resolved.model.model} takes {stored} px inputs only: training at {stored} px, not "
+                 f"{resolved.optim.train_size} (--train-size)")
+            settings.update(train_size=None, train_size_start=None)
+        settings["crop_padding"] = resolve_crop_padding(resolved, stored)
         settings["cache"] = data.cache  # --cache auto: what loading chose (memory or disk)
         if cfg.optim.batch_size is None:  # the recipe's batch; a --batch-size is taken as given
             settings["batch_size"] = small_data_batch(resolved.optim.batch_size, len(data.train), processes)

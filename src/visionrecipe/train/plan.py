@@ -51,9 +51,16 @@ def policy_applies(cfg: Config) -> bool:
 
 def plan_run(settings: Config, device: torch.device, world) -> tuple[Config, str | None]:
     """(settings with the plan's choices set, the plan's log line), or (settings, None) when the
-    policy does not apply. Rank 0 measures; every process takes its plan."""
+    policy does not apply."""
+    chosen, line = plan_choices(settings, device, world)
+    return (copy_config(settings, **chosen) if chosen else settings), line
+
+
+def plan_choices(settings: Config, device: torch.device, world) -> tuple[dict, str | None]:
+    """(the plan's choices as settings, its line), or ({}, None) when the policy does not apply.
+    Rank 0 measures; every process gets its plan."""
     if not policy_applies(settings):
-        return settings, None
+        return {}, None
     from visionrecipe.data.load import describe_dataset
 
     planned = None
@@ -61,8 +68,7 @@ def plan_run(settings: Config, device: torch.device, world) -> tuple[Config, str
         described = describe_dataset(settings.data.data)
         if described is not None:
             planned = _plan(settings, described, device, world.size)
-    chosen, line = world.broadcast(planned) or ({}, None)
-    return (copy_config(settings, **chosen) if chosen else settings), line
+    return world.broadcast(planned) or ({}, None)
 
 
 def _plan(settings: Config, described: tuple[int, int | None], device: torch.device,

@@ -4,7 +4,9 @@
     summary = auto({"data": "digits"}, AutoOptions(out="runs/auto1", search_budget=180))
     summary["test_accuracy"], summary["stages"]          # seconds per stage
 
-Stages, one line each: doctor (stop on a failed check unless `force`; only its data checks on a
+Stages, one line each: plan (photos only: the budget policy of `train --time-budget`, train/plan.py,
+picks the training sides, crops and FixRes side for the final run's budget; every trial and the final
+run train at them, and the search explores the rest), doctor (stop on a failed check unless `force`; only its data checks on a
 budget under 10 minutes, see FULL_DOCTOR_MIN_BUDGET), tune (a share of what is left of the
 budget, cut into trials of equal training time), train the best configuration (validation carved
 from train as usual, for model selection) with the rest of the time as its time budget, evaluate on
@@ -39,6 +41,8 @@ RESERVE_MIN_S = 12.0
 # only its data checks (they catch what breaks an unattended run: leakage, duplicates, bad files).
 FULL_DOCTOR_MIN_BUDGET = 600.0
 MIN_TRIALS = 5  # trials a tune share is cut into, at least (see trial_budget)
+# What the plan stage fixes for photos: the sides and crops of the budget policy's plan.
+PLAN_SIDES = ("image_size", "train_size", "train_size_start", "crop_scale")
 
 
 class Stages:
@@ -119,6 +123,9 @@ def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
     summary: dict[str, Any] = {"data": base.get("data", "digits"), "search_budget": options.search_budget}
     mode = options.doctor if options.doctor != "auto" else \
         ("full" if options.search_budget >= FULL_DOCTOR_MIN_BUDGET else "data")
+    if photos(base):
+        final_budget = (1 - options.tune_share) * stages.left()
+        base = stages.run("plan", lambda: plan_stage(base, final_budget))
     stages.run("doctor", lambda: doctor_stage(base, out / "doctor", mode, options.force))
     tune_budget = options.tune_share * stages.left()
     result = stages.run("tune", lambda: tune_stage(base, out / "tune", tune_budget, options))
@@ -142,6 +149,33 @@ def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
 
 
 # --- stages: each returns (value, its one-line summary) ----------------------------------------
+def photos(base: dict) -> bool:
+    """Whether the data takes the photo path (from its listing and headers: nothing decoded)."""
+    from visionrecipe.data.load import describe_dataset
+    from visionrecipe.recipes import photo_data
+
+    described = describe_dataset(base.get("data", "digits"))
+    return described is not None and photo_data(base.get("image_size") or described[1])
+
+
+def plan_stage(base: dict, budget: float) -> tuple[dict, str]:
+    """The budget policy's plan for a final run of `budget` seconds; its sides and crops join `base`."""
+    from visionrecipe.system import select_device, world
+    from visionrecipe.train.plan import plan_choices
+
+    device = select_device(base["device"])
+    cfg = Config.from_dict({**{k: v for k, v in base.items() if k != "device"}, "time_budget": budget})
+    chosen, _ = plan_choices(cfg, device, world(device))
+    sides = {k: chosen[k] for k in PLAN_SIDES if k in chosen and base.get(k) is None}
+    if not sides:
+        return base, "the budget policy does not apply (a model or size was given): the search space decides"
+    merged = {**base, **sides}
+    ramp = f"{merged.get('train_size_start') or merged.get('train_size')}→{merged.get('train_size')}"
+    return merged, (f"the budget policy's sides for a {budget:.0f}s final run: training at {ramp} px, evaluated at "
+                    f"{merged.get('image_size')} px, crops of scale {merged.get('crop_scale') or 0:g} and up; every "
+                    "trial and the final run train at these sides")
+
+
 def doctor_stage(base: dict, out: Path, mode: str, force: bool) -> tuple[dict | None, str]:
     """`full`: every doctor check (about a minute for digits on 2 CPU cores); `data`: only the
     data checks (balance, files, duplicates, train/test leakage), seconds on small data."""
