@@ -179,8 +179,8 @@ def keep_freed_memory() -> bool:
 
     glibc maps every large block (a batch's activations, their gradients) fresh from the kernel and
     unmaps it when freed, so each step pays a page fault per 4 KiB it touches: measured on 2 cores,
-    fastnet trained 15-19% slower and a fifth of its CPU time was the kernel's (BENCHMARKS.md,
-    "CPU allocator"). With mmap off and no trimming, freed blocks stay in the heap and are reused,
+    fastnet trained at 1/1.44-1/1.49 of the speed and a third of its CPU time was the kernel's
+    (BENCHMARKS.md, "CPU allocator"). With mmap off and no trimming, freed blocks stay in the heap and are reused,
     as PyTorch's CUDA caching allocator does on a GPU. Left alone where the user chose: MALLOC_*
     in the environment, or another allocator preloaded (jemalloc, tcmalloc)."""
     global _allocator_tuned

@@ -5,9 +5,9 @@
     summary["test_accuracy"], summary["stages"]          # seconds per stage
 
 Stages, one line each: plan (photos only: the budget policy of `train --time-budget`, train/plan.py,
-picks the training sides, crops and FixRes side for the final run's budget; every trial and the final
-run train at them, and the search explores the rest), doctor (stop on a failed check unless `force`; only its data checks on a
-budget under 10 minutes, see FULL_DOCTOR_MIN_BUDGET), tune (a share of what is left of the
+picks the training sides, crops and FixRes side for the final run's budget; every trial and the
+final run train at them, and the search explores the rest), doctor (stop on a failed check unless
+`force`; only its data checks on a budget under 10 minutes, see FULL_DOCTOR_MIN_BUDGET), tune (a share of what is left of the
 budget, cut into trials of equal training time), train the best configuration (validation carved
 from train as usual, for model selection) with the rest of the time as its time budget, evaluate on
 the test split, export to ONNX, write the report. The model handed over is never worse on
