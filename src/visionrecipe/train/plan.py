@@ -56,16 +56,18 @@ def plan_run(settings: Config, device: torch.device, world) -> tuple[Config, str
     return (copy_config(settings, **chosen) if chosen else settings), line
 
 
-def plan_choices(settings: Config, device: torch.device, world) -> tuple[dict, str | None]:
+def plan_choices(settings: Config, device: torch.device, world,
+                 described: tuple[int, int | None] | None = None) -> tuple[dict, str | None]:
     """(the plan's choices as settings, its line), or ({}, None) when the policy does not apply.
-    Rank 0 measures; every process gets its plan."""
+    Rank 0 measures; every process gets its plan. `described`: describe_dataset's answer, when the
+    caller has it already (a listing of a large folder is not free)."""
     if not policy_applies(settings):
         return {}, None
     from visionrecipe.data.load import describe_dataset
 
     planned = None
     if world.is_main:
-        described = describe_dataset(settings.data.data)
+        described = described or describe_dataset(settings.data.data)
         if described is not None:
             planned = _plan(settings, described, device, world.size)
     return world.broadcast(planned) or ({}, None)

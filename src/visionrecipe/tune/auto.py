@@ -123,9 +123,10 @@ def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
     summary: dict[str, Any] = {"data": base.get("data", "digits"), "search_budget": options.search_budget}
     mode = options.doctor if options.doctor != "auto" else \
         ("full" if options.search_budget >= FULL_DOCTOR_MIN_BUDGET else "data")
-    if photos(base):
+    described = photos(base)
+    if described is not None:
         final_budget = (1 - options.tune_share) * stages.left()
-        base = stages.run("plan", lambda: plan_stage(base, final_budget))
+        base = stages.run("plan", lambda: plan_stage(base, final_budget, described))
     stages.run("doctor", lambda: doctor_stage(base, out / "doctor", mode, options.force))
     tune_budget = options.tune_share * stages.left()
     result = stages.run("tune", lambda: tune_stage(base, out / "tune", tune_budget, options))
@@ -149,23 +150,24 @@ def run_stages(stages: Stages, base: dict, options: AutoOptions) -> dict:
 
 
 # --- stages: each returns (value, its one-line summary) ----------------------------------------
-def photos(base: dict) -> bool:
-    """Whether the data takes the photo path (from its listing and headers: nothing decoded)."""
+def photos(base: dict) -> tuple[int, int | None] | None:
+    """describe_dataset's (count, median side) when the data takes the photo path, else None (from
+    the listing and headers: nothing decoded)."""
     from visionrecipe.data.load import describe_dataset
     from visionrecipe.recipes import photo_data
 
     described = describe_dataset(base.get("data", "digits"))
-    return described is not None and photo_data(base.get("image_size") or described[1])
+    return described if described is not None and photo_data(base.get("image_size") or described[1]) else None
 
 
-def plan_stage(base: dict, budget: float) -> tuple[dict, str]:
+def plan_stage(base: dict, budget: float, described: tuple[int, int | None]) -> tuple[dict, str]:
     """The budget policy's plan for a final run of `budget` seconds; its sides and crops join `base`."""
     from visionrecipe.system import select_device, world
     from visionrecipe.train.plan import plan_choices
 
     device = select_device(base["device"])
     cfg = Config.from_dict({**{k: v for k, v in base.items() if k != "device"}, "time_budget": budget})
-    chosen, _ = plan_choices(cfg, device, world(device))
+    chosen, _ = plan_choices(cfg, device, world(device), described)
     sides = {k: chosen[k] for k in PLAN_SIDES if k in chosen and base.get(k) is None}
     if not sides:
         return base, "the budget policy does not apply (a model or size was given): the search space decides"
