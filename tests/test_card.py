@@ -22,7 +22,7 @@ def test_train_writes_a_card_whose_fields_match_the_run_files(digits_run):
     assert f"| loss | {result['loss']:.4f} |" in card
     for row in result["per_class"]:
         assert f"| {row['class']} | {row['precision']:.3f} | {row['recall']:.3f} |" in card
-    assert f"| epochs | {config['optim']['epochs']} |" in card and f"| best epoch (by validation) | {meta['epoch']} |" in card
+    assert f"| epochs | {config['optim']['epochs']} |" in card and f"| kept epoch (by validation) | {meta['epoch']} |" in card
     assert "## Intended use" in card and "## Limits" in card
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -55,8 +56,10 @@ def test_evaluate_with_or_without_tta_scores_a_variant_and_keeps_eval_json(digit
 
 def test_val_accuracy_of_best_epoch_reproduced(digits_run):
     meta = json.loads((digits_run / "model.json").read_text())
+    before = (digits_run / "eval.json").read_text()
     proc = run_cli("evaluate", digits_run, "--split", "val", "--json")
     assert json.loads(proc.stdout)["accuracy"] == meta["val_acc"]
+    assert (digits_run / "eval.json").read_text() == before  # the val split is a variant: eval.json stays test's
 
 
 def test_same_seed_same_result(tmp_path):
@@ -169,6 +172,63 @@ def test_patience_stops_early_and_keeps_the_best_epoch(tmp_path):
     assert run.metrics[-1]["stopped"] == f"no better val_acc for 2 epochs (best {max(scores):.4f} at epoch {best_epoch})"
     assert not any("stopped" in m for m in run.metrics[:-1])
     assert (run.meta["epoch"], run.meta["val_acc"]) == (best_epoch, max(scores))
+
+
+def test_the_planned_end_keeps_the_last_epoch_unless_validation_tells_an_earlier_one_apart():
+    from visionrecipe.train.callbacks import keeps, noise_margin
+
+    assert noise_margin(0.84, 947) == pytest.approx(2 * (0.84 * 0.16 / 947) ** 0.5)  # 2.38 points
+    assert keeps(0.832, 0.843, 947, final=True)  # Imagenette's 947 images: 1.1 points is noise
+    assert not keeps(0.832, 0.843, 947, final=False)  # before the end only a better score is kept
+    assert not keeps(0.80, 0.843, 947, final=True)  # 4.3 points below: the earlier epoch stays
+    assert not keeps(0.832, 0.843, 50_000, final=True)  # a large split tells 1.1 points apart
+
+
+def test_a_finished_run_keeps_its_model_by_that_rule(tmp_path, capfd):
+    from visionrecipe.train.callbacks import keeps
+
+    run = train(data="digits", model="seedcnn", epochs=5, lr=0.03, out=str(tmp_path / "k"), progress=False,
+                report=False, data_dir=str(tmp_path / "cache"))
+    count = int(re.search(r"([\d,]+) val,", capfd.readouterr().out).group(1).replace(",", ""))
+    scores = [m["val_acc"] for m in run.metrics]
+    best = max(scores[:-1])
+    expected = len(scores) if keeps(scores[-1], best, count, final=True) else scores.index(max(scores)) + 1
+    assert run.meta["epoch"] == expected and run.meta["val_acc"] == scores[expected - 1]
+
+
+def test_recalibrate_batchnorm_averages_the_statistics_of_the_given_images():
+    from visionrecipe.evaluate.scoring import normalise, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.4), torch.nn.Conv2d(3, 4, 1),
+                                torch.nn.BatchNorm2d(4)).eval()
+    model[0].running_mean.fill_(7.0)  # stale statistics, as an EMA model carries the live model's
+    images = torch.randint(0, 256, (600, 3, 8, 8), dtype=torch.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    assert recalibrate_batchnorm(model, images, mean, std, channels_last=False)
+    x = normalise(images, mean, std, channels_last=False)
+    # 600 images in two equal batches of 300 (eval_batch allows 500): the plain average of their statistics
+    halves = x.split(300)
+    torch.testing.assert_close(model[0].running_mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(model[0].running_var, sum(h.var((0, 2, 3)) for h in halves) / 2)
+    assert model[0].momentum == 0.4 and model[2].momentum == 0.1 and not model.training
+    assert not recalibrate_batchnorm(torch.nn.Linear(2, 2), images, mean, std)  # nothing to do
+
+
+def test_the_saved_model_is_the_recalibrated_one_it_was_scored_as(tmp_path):
+    run = train(data="digits", epochs=2, out=str(tmp_path / "r"), progress=False, report=False,
+                data_dir=str(tmp_path / "cache"))
+    assert run.meta["architecture"] == "fastnet" and load_config(tmp_path / "r" / "config.yaml").optim.recalibrate_bn == 1024
+    proc = run_cli("evaluate", tmp_path / "r", "--split", "val", "--json")
+    assert json.loads(proc.stdout)["accuracy"] == run.meta["val_acc"]  # the buffers it was validated with
+    off = train(data="digits", epochs=2, recalibrate_bn=0, out=str(tmp_path / "o"), progress=False, report=False,
+                data_dir=str(tmp_path / "cache"))
+    from safetensors.torch import load_file
+
+    stats = [load_file(str(tmp_path / name / "model.safetensors")) for name in ("r", "o")]
+    key = next(k for k in stats[0] if k.endswith("running_mean"))
+    assert not torch.equal(stats[0][key], stats[1][key])  # the same training, other statistics
+    assert [m["train_loss"] for m in run.metrics] == [m["train_loss"] for m in off.metrics]  # training untouched
 
 
 def test_stop_at_stops_once_reached_and_resume_says_finished(tmp_path, capsys):

@@ -107,6 +107,10 @@ class OptimConfig:
     warmup_epochs: float | None = opt(None, "linear warm-up length in epochs", minimum=0.0)
     ema: bool | None = opt(None, "keep an exponential moving average of the weights and evaluate with it")
     ema_decay: float = opt(0.99, "EMA decay per step", minimum=0.0)
+    recalibrate_bn: int | None = opt(None, "train images (un-augmented, at the evaluation side) run through the "
+                                           "evaluated model before each validation to re-estimate its BatchNorm "
+                                           "statistics; 0: off (default: 1024 with the fast recipe, 0 with standard)",
+                                     minimum=0)
     crop_padding: int | None = opt(None, "random-translate padding in pixels, 0 = off (default: the recipe's, scaled to the image size)", minimum=0)
     crop_scale: float | None = opt(None, "random-resized crops: the smallest share of an image's area a crop keeps "
                                          "(the largest is all of it); 0 = off (default: 0.35 for images of 96 px and "

@@ -11,7 +11,7 @@
     with locked(out, "evaluate"): ...          # one writer at a time; others get a one-line error
     is_run_dir(path)                           # carries the marker this project writes
 
-Layout: config.yaml, metrics.jsonl, model.safetensors + model.json (the best epoch),
+Layout: config.yaml, metrics.jsonl, model.safetensors + model.json (the kept epoch),
 last.safetensors + last.json (the last epoch), state.pt (resume), eval.json, report.html.
 The weights' safetensors I/O is models/checkpoint.py's; the JSON beside them is read here.
 
@@ -187,7 +187,7 @@ def model_files(path: str | os.PathLike, stem: str = "model") -> tuple[Path, Pat
 
 
 def has_model(path: str | os.PathLike) -> bool:
-    """True for a run directory holding a trained model (training wrote its best epoch)."""
+    """True for a run directory holding a trained model (training wrote its kept epoch)."""
     return (Path(path).expanduser() / MODEL_META).is_file()
 
 

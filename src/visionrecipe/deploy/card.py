@@ -75,7 +75,7 @@ def model_card(run_dir: str | Path) -> str:
         training.append(f"| epochs run | {metrics[-1]['epoch']} |")
         if metrics[-1].get("elapsed_s") is not None:
             training.append(f"| training seconds | {metrics[-1]['elapsed_s']:.1f} |")
-    training.append(f"| best epoch (by validation) | {meta.get('epoch', '?')} |")
+    training.append(f"| kept epoch (by validation) | {meta.get('epoch', '?')} |")
     lines = [
         "---", "library_name: visionrecipe", "pipeline_tag: image-classification", "tags: [visionrecipe, "
         f"{meta['architecture'].replace(':', '-')}]", "---", "",

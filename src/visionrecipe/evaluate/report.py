@@ -333,7 +333,7 @@ def _kpis(page: dict) -> str:
                   _kpi("Test loss", f"{r['loss']:.4f}", "cross-entropy"),
                   _kpi("ECE", f"{100 * r['ece']:.2f}%", "calibration error, 15 bins")]
     training = f"{page['epochs']} epochs" if page["epochs"] else "n/a"
-    note = f"{seconds:.1f} s, best epoch {page['best_epoch']}" if seconds is not None else ""
+    note = f"{seconds:.1f} s, kept epoch {page['best_epoch']}" if seconds is not None else ""
     return "".join(scores + [_kpi("Parameters", _count(page["parameters"]), page["model"]),
                              _kpi("Training", training, note)])
 
@@ -378,7 +378,7 @@ def render(page: dict, pngs: dict[str, bytes], config_text: str) -> str:
                  f"</dd><dt>input size</dt><dd>{'×'.join(map(str, page['input_size']))} (C×H×W)</dd></dl><br>"
                  f"<table><tr><th>split</th><th>images</th></tr>{splits}</table>")
     model = _card("Model", "", f"<dl><dt>architecture</dt><dd>{e(page['model'])}</dd><dt>parameters</dt>"
-                  f"<dd>{page['parameters']:,}</dd><dt>best epoch</dt><dd>{page['best_epoch']}</dd>"
+                  f"<dd>{page['parameters']:,}</dd><dt>kept epoch</dt><dd>{page['best_epoch']}</dd>"
                   f"<dt>epochs run</dt><dd>{page['epochs']}</dd></dl>")
     config = _card("Config", "", f"<pre>{e(config_text)}</pre>")
     data_json = json.dumps(page).replace("</", "<\\/")

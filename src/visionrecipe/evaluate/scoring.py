@@ -1,6 +1,7 @@
 """Metrics on a split: accuracy, top-5, loss, per-class precision/recall/F1, confusion matrix.
 
     logits = predict_logits(model, images_uint8, mean, std, tta=True, device="cpu")
+    recalibrate_batchnorm(model, train_images_uint8, mean, std)  # precise BatchNorm statistics, in place
     metrics = compute_metrics(logits, labels)                  # accuracy, top5_accuracy, loss, ...
     class_balanced_metrics(logits, labels)                     # balanced_accuracy, f1_macro (scikit-learn's)
     result = evaluate_run("runs/digits", split="test")          # also writes eval.json
@@ -12,6 +13,7 @@ reproduces, image for image, what training reported.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -32,6 +34,45 @@ def eval_batch(images) -> int:
     return max(MIN_EVAL_BATCH, min(EVAL_BATCH, EVAL_PIXELS // max(1, height * width)))
 
 
+def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, mean, std, *,
+                          device: torch.device | str = "cpu", channels_last: bool = True) -> bool:
+    """Re-estimate every BatchNorm layer's running mean and variance from `images` (uint8 N×C×H×W,
+    un-augmented, at the side evaluation sees): the plain average over the batches, forward passes
+    in train mode without gradients; momenta and the train/eval mode are restored. False when the
+    model has no BatchNorm (nothing changed)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms or not len(images):
+        return False
+    device = torch.device(device)
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: every batch counts alike
+    model.train()
+    batches = max(1, math.ceil(len(images) / eval_batch(images)))
+    size = math.ceil(len(images) / batches)  # equal batches, so the average weighs every image alike
+    with torch.no_grad():
+        for start in range(0, len(images), size):
+            x = normalise(images[start:start + size].to(device), mean, std, channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model(x)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)
+    return True
+
+
+def normalise(images: torch.Tensor, mean, std, channels_last: bool = True) -> torch.Tensor:
+    """uint8 N×C×H×W on its device → float, (x/255 - mean) / std per channel, as every model input."""
+    c = len(mean)
+    mean_t = torch.tensor(mean, device=images.device).view(1, c, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(std, device=images.device).view(1, c, 1, 1) * 255)
+    x = (images.float() - mean_t) * inv_std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, mean, std, *, tta: bool = False,
                    device: torch.device | str = "cpu", channels_last: bool = True,
@@ -42,14 +83,9 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, mean, std, *, t
     batch_size = batch_size or eval_batch(images)
     was_training = model.training
     model.eval()
-    c = len(mean)
-    mean_t = torch.tensor(mean, device=device).view(1, c, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(std, device=device).view(1, c, 1, 1) * 255)
     outputs = []
     for start in range(0, len(images), batch_size):
-        x = (images[start:start + batch_size].to(device).float() - mean_t) * inv_std
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalise(images[start:start + batch_size].to(device), mean, std, channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x).float()
             if tta:
@@ -117,7 +153,8 @@ def class_balanced_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "test", device: str = "auto",
                  dataset=None, write: bool = True, data_dir: str | None = None, return_logits: bool = False,
                  tta: bool | None = None):
-    """Score a run's best model on a split of its data (or of `data`), and write eval.json.
+    """Score a run's kept model on a split of its data (or of `data`); eval.json is written only for
+    the run's own scoring (its test split, its data, its TTA), never replaced by a variant's.
 
     `tta`: score with (True) or without (False) the mirror test-time augmentation; None: as the run
     was trained (model.json). With return_logits, returns (result, logits) so a report can show the
@@ -149,7 +186,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
                   **class_balanced_metrics(logits, chosen.labels), **calibration(logits, chosen.labels)}
     result = {"split": split, "data": dataset.spec, "model": meta["architecture"], "tta": bool(tta), **scores,
               "classes": meta["classes"]}
-    if write and tta == meta.get("tta", False):  # eval.json holds the run's own scoring, not a variant's
+    own = split == "test" and data is None and tta == meta.get("tta", False)
+    if write and own:  # eval.json holds the run's own scoring (report, card): a variant only prints
         from visionrecipe.rundir import atomic_write_text, locked
 
         with locked(run_dir):  # a training run writes eval.json too: one writer at a time

@@ -5,13 +5,15 @@ TensorBoard, and the best and last model files.
     record = epoch_record(epoch=1, step=40, train_loss=0.9, val=metrics, lr=0.1, images_per_second=5e3, elapsed=3.2)
     log_epoch(record, epochs=10, eval_name="val")
     write_epoch(run_dir, record, tensorboard)             # metrics.jsonl, then TensorBoard
-    best = save_models(run_dir, model, meta, score=0.91, best=0.88)   # last always, model when better
+    save_models(run_dir, model, meta, keep=True)   # last.safetensors always, model.safetensors when kept
+    keeps(0.842, 0.853, count=947, final=True)   # True: 1.1 points is within this split's noise
 
 Plain functions the loop calls at the end of each epoch, in that order; only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -78,9 +80,23 @@ def write_epoch(run_dir: Path, record: dict, tensorboard=None, tracker=None) -> 
         tensorboard.flush()
 
 
-def save_models(run_dir: Path, model: torch.nn.Module, meta: dict, score: float, best: float) -> float:
-    """last.safetensors every epoch, model.safetensors when `score` beats `best`; returns the new best."""
+def noise_margin(accuracy: float, count: int) -> float:
+    """Two binomial standard errors of an accuracy measured on `count` images: epochs whose scores
+    differ by less are not told apart by that split (2.4 points at 84% of 947 images)."""
+    return 2 * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(1, count))
+
+
+def keeps(score: float, best: float, count: int, final: bool) -> bool:
+    """Whether an epoch scoring `score` becomes the run's model (model.safetensors), `best` being the
+    best score so far: when it beats it; and at the schedule's planned end also when it is within
+    the validation split's noise of it. A decayed schedule's last weights are what the plan aimed at,
+    and picking an earlier epoch by a noisy score on a small split mostly picks noise (Imagenette, 947
+    validation images: epoch 9 of 12 at 84.3% was kept over the last at 83.2%, and scored 82.1% on test)."""
+    return score > best - (noise_margin(best, count) if final else 0.0)
+
+
+def save_models(run_dir: Path, model: torch.nn.Module, meta: dict, keep: bool) -> None:
+    """last.safetensors every epoch, model.safetensors as well when the epoch is kept (`keeps`)."""
     ckpt.save_model(run_dir, "last", model, meta)
-    if score > best:
+    if keep:
         ckpt.save_model(run_dir, "model", model, meta)
-    return max(best, score)

@@ -37,8 +37,9 @@ import torch
 
 from visionrecipe.config import Config, apply_overrides, load_config, save_config
 from visionrecipe.errors import TrainingInterrupted, TrainingStopped, VisionRecipeError
-from visionrecipe.evaluate.scoring import compute_metrics
+from visionrecipe.evaluate.scoring import compute_metrics, recalibrate_batchnorm
 from visionrecipe.evaluate.sharded import sharded_logits
+from visionrecipe.models.checkpoint import unwrap
 from visionrecipe.recipes import copy_config, lr_unit, progressive_costs, training_side
 from visionrecipe.rundir import (Run, check_run_dir, default_run_dir, ensure_room, prepare_run_dir, truncate_metrics,
                                  unlock)
@@ -46,7 +47,7 @@ from visionrecipe.system import local_rank, log, select_device, set_threads, shu
 from visionrecipe.train.augment import SEED_STRIDE
 from visionrecipe.train.budget import BUDGET_PROBE_STEPS, eval_fraction, plan_budget, replan_budget
 from visionrecipe.train.build import build_run, load_data, resolve
-from visionrecipe.train.callbacks import (epoch_record, log_epoch, open_tensorboard, progress_bar, save_models,
+from visionrecipe.train.callbacks import (epoch_record, keeps, log_epoch, open_tensorboard, progress_bar, save_models,
                                           write_epoch)
 from visionrecipe.train.feed import open_feed
 from visionrecipe.train.finetune import backbone_freezer
@@ -155,6 +156,14 @@ class Trainer:
         else:
             self.eval_split, self.eval_name = self.data.test, "test"
             log("note: --val-fraction 0: validating on the test split each epoch (model selection sees test)")
+        # --recalibrate-bn: the train images (a seeded subset, in file order) that re-estimate the evaluated
+        # model's BatchNorm statistics before each validation; not while a backbone's BatchNorm is frozen.
+        self.recalibration = None
+        if cfg.optim.recalibrate_bn and self.freezer is None:
+            chosen = torch.randperm(len(built.labels), generator=torch.Generator().manual_seed(cfg.run.seed))
+            self.recalibration = chosen[:cfg.optim.recalibrate_bn].sort().values
+            if isinstance(built.images, torch.Tensor):  # resident: index where the images are
+                self.recalibration = self.recalibration.to(built.images.device)
 
         # fp16's narrow range needs the loss scaled up (and the gradients back down); bf16 does not.
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision)
@@ -288,7 +297,9 @@ class Trainer:
                     if state.position % 10 == 0 and loss is not None:
                         bar.set_postfix(loss=f"{loss.item():.4f}")
                 if cfg.optim.time_budget and state.step == BUDGET_PROBE_STEPS and epoch == 0:
-                    share = eval_fraction(len(self.eval_split.labels), self.global_batch, self.steps_per_epoch)
+                    recalibrated = 0 if self.recalibration is None else len(self.recalibration)
+                    share = eval_fraction(len(self.eval_split.labels) + recalibrated, self.global_batch,
+                                          self.steps_per_epoch)
                     plan = plan_budget(cfg.optim.time_budget, time.perf_counter() - start, self.steps_per_epoch, share,
                                        state.step, costs=self.step_costs(), planned=state.total_steps)
                     # Each process timed itself; all follow rank 0's plan so they take the same steps.
@@ -399,6 +410,9 @@ class Trainer:
         cfg, state = self.cfg, self.state
         eval_start = time.perf_counter()
         model = self.ema.model if self.ema is not None else self.model
+        if self.recalibration is not None:  # in place: the EMA copies the live buffers again at its next update
+            recalibrate_batchnorm(unwrap(model), self.built.images[self.recalibration], self.mean, self.std,
+                                  device=self.device, channels_last=self.cfg.run.channels_last)
         metrics = self.evaluate(model, self.eval_split)
         state.epoch += 1
         state.position = 0
@@ -409,21 +423,26 @@ class Trainer:
             plan = replan_budget(cfg.optim.time_budget, state.elapsed, state.step, state.epoch, self.steps_per_epoch,
                                  costs=self.step_costs(), planned=state.total_steps)
             state.total_steps, state.epochs = self.world.broadcast(plan)
-        if metrics["accuracy"] > state.best_acc:  # the same test save_models makes
+        score = metrics["accuracy"]
+        final = state.epoch >= state.epochs or state.step >= state.total_steps  # the schedule's planned end
+        keep = keeps(score, state.best_acc, len(self.eval_split.labels), final and self.cfg.model.task != "multilabel")
+        if keep:
+            state.kept_epoch = state.epoch
+        if score > state.best_acc:
             state.best_epoch = state.epoch
-        best = max(state.best_acc, metrics["accuracy"])
-        state.stopped = self.stop_reason(metrics["accuracy"], best)
+        best = max(state.best_acc, score)
+        state.stopped = self.stop_reason(score, best)
         record = epoch_record(epoch=state.epoch, step=state.step, train_loss=train_loss, val=metrics,
                               lr=cfg.optim.lr * max(g["lr"] for g in self.optimizer.param_groups) / max(self.base_lrs),
                               images_per_second=images_per_second,
                               elapsed=state.elapsed, nan_skips=state.nan_skips, stopped=state.stopped)
         log_epoch(record, state.epochs, self.eval_name, lr_unit(cfg))
         if state.stopped:
-            log(f"stopped early: {state.stopped}; the model of epoch {state.best_epoch} is kept")
+            log(f"stopped early: {state.stopped}; the model of epoch {state.kept_epoch} is kept")
         if self.world.is_main:
             write_epoch(self.run_dir, record, self.tensorboard, self.tracker)
-            meta = {**self.built.meta, "epoch": state.epoch, f"{self.eval_name}_acc": metrics["accuracy"]}
-            best = save_models(self.run_dir, model, meta, metrics["accuracy"], state.best_acc)
+            meta = {**self.built.meta, "epoch": state.epoch, f"{self.eval_name}_acc": score}
+            save_models(self.run_dir, model, meta, keep)
         state.best_acc = best
         self.save_state()
         if self.on_epoch is not None:
@@ -461,7 +480,7 @@ class Trainer:
         result, logits = run.evaluate(split="test", device=str(self.device), dataset=self.data, return_logits=True)
         score = f"mAP {100 * result['mAP']:.2f}%" if "mAP" in result else f"accuracy {100 * result['accuracy']:.2f}%"
         log(f"test {score} ({result['num_images']:,} images, "
-            f"best epoch by {self.eval_name}_acc), training {self.state.elapsed:.1f}s; run directory {self.run_dir}")
+            f"the model of epoch {self.state.kept_epoch}, kept by {self.eval_name}_acc), training {self.state.elapsed:.1f}s; run directory {self.run_dir}")
         if self.cfg.run.report:
             try:
                 from visionrecipe.evaluate.report import write_report

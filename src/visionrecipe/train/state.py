@@ -70,6 +70,7 @@ class TrainState:
     epochs: int = 0  # epochs planned: --epochs, or what fits in --time-budget (config.yaml keeps the bound)
     best_acc: float = -1.0  # best validation score so far (mAP for multilabel)
     best_epoch: int = 0  # the epoch that scored best_acc (--patience counts from it)
+    kept_epoch: int = 0  # the epoch in model.safetensors (callbacks.keeps: the best, or at the end the last)
     stopped: str = ""  # why the run stopped before its planned end (--patience, --stop-at); "" while it goes on
     elapsed: float = 0.0  # training seconds, summed across resumes
     nan_skips: int = 0
@@ -83,14 +84,17 @@ class TrainState:
     def from_saved(cls, saved: dict, world, device: torch.device) -> "TrainState":
         """The state of state.pt. The epoch's partial loss goes to rank 0 alone: summed over the
         processes at the epoch's end, it then counts once."""
-        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name not in ("loss_sum", "seen")})
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved and f.name not in ("loss_sum", "seen")})
+        if "kept_epoch" not in saved:  # a state.pt written before kept_epoch was: the best epoch was kept
+            state.kept_epoch = state.best_epoch
         state.loss_sum = saved["loss_sum"].to(device) if world.is_main else torch.zeros((), device=device)
         state.seen = saved["seen"] if world.is_main else 0
         return state
 
 
 # Every key a resume reads; a state.pt without one is refused with a one-line error.
-STATE_KEYS = ("model", "optimizer", "ema", "scaler", *(f.name for f in fields(TrainState)), "world_size", "rng")
+STATE_KEYS = ("model", "optimizer", "ema", "scaler", *(f.name for f in fields(TrainState) if f.name != "kept_epoch"),
+              "world_size", "rng")
 
 
 def read_state(path: Path) -> dict:
