@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import run_cli
 from visionrecipe.config import Config
-from visionrecipe.recipes import (DEFAULT_PHOTO_BUDGET, progressive_costs, FIXRES, MIN_EPOCHS, PHOTO_CROPS, PHOTO_TIERS, PROGRESSIVE_RAMP,
+from visionrecipe.recipes import (DEFAULT_PHOTO_BUDGET, progressive_costs, FIXRES, min_epochs, PHOTO_CROPS, PHOTO_TIERS, PROGRESSIVE_RAMP,
                                   SMALL_TIERS, afforded_epochs, plan_tier, progressive_start, eval_side, training_side)
 from visionrecipe.system import world
 from visionrecipe.train import plan as plan_module
@@ -37,7 +37,7 @@ def test_plan_is_a_pure_function_and_buys_more_with_more_budget():
     order = [PHOTO_TIERS.index(p.tier) for p in plans]
     assert order == sorted(order) and order[0] < order[-1]  # a longer budget never buys a cheaper net
     for p in plans:
-        need = MIN_EPOCHS[p.tier.model]
+        need = min_epochs(p.tier)
         assert p.epochs >= need or PHOTO_TIERS.index(p.tier) == 0  # affords the epochs, or is the cheapest
         if PHOTO_CROPS:
             # FixRes: evaluated above the final training side; progressive: starting below it
@@ -99,7 +99,7 @@ def test_measure_speeds_times_only_what_could_be_chosen(monkeypatch):
     speeds = plan_module.measure_speeds(PHOTO_TIERS, 9000, 224, 300, CPU)
     assert set(speeds) == set(PHOTO_TIERS)  # every usable tier has a speed, timed or estimated
     assert timed == list(PHOTO_TIERS[:len(timed)]) and 1 <= len(timed) < len(PHOTO_TIERS)
-    need = MIN_EPOCHS[PHOTO_TIERS[0].model]
+    need = min_epochs(PHOTO_TIERS[0])
     # every timed tier but the last afforded the epochs; the walk ended at one that did not, or the
     # next one's estimate was too far below them to be worth timing
     assert all(afforded_epochs(t, speeds[t], 9000, 300) >= need for t in timed[:-1])

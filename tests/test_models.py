@@ -259,6 +259,25 @@ def test_fastnet_on_8x8_single_channel(depth):
     out.sum().backward()
 
 
+def test_fastnet_stem_2_reads_disjoint_patches_and_halves_the_side():
+    from visionrecipe.models.fastnet import init_whitening
+
+    plain, strided = (create_model("fastnet", 10, image_size=64, width=0.5, stem=s) for s in (1, 2))
+    x = _correlated_images(8, 64)
+    assert plain.whiten(x).shape[-1] == 63 and strided.whiten(x).shape[-1] == 32
+    init_whitening(strided, x)
+    # Lossless: the 12 values of every 2×2 patch come back from its 12 whitened components.
+    patches = F.unfold(x, 2, stride=2)  # (N, 12, 32*32)
+    whitened = strided.whiten(x)[:, :12].flatten(2) - strided.whiten.bias[:12, None]
+    weight = strided.whiten.weight[:12].flatten(1)  # (12, 12), invertible
+    assert torch.allclose(torch.linalg.solve(weight, whitened), patches, atol=1e-3)
+    assert strided(x).shape == (8, 10)
+    with pytest.raises(VisionRecipeError, match="fastnet stem must be one of 1, 2, got 3"):
+        create_model("fastnet", 10, stem=3)
+    with pytest.raises(VisionRecipeError, match="has no option stem"):
+        create_model("seedcnn", 10, stem=2)
+
+
 def test_fastnet_convs_start_as_identity():
     conv = create_model("fastnet", 10).blocks[0].conv1  # 24 whitened channels in, 64 out
     centre = conv.weight[:24, :, 1, 1]

@@ -71,6 +71,8 @@ class ModelConfig:
     model: str | None = opt(None, "model name from `visionrecipe models` or timm:<name> (default: recipe's)")
     width: float | None = opt(None, "width multiplier, for models that have one (fastnet)", positive=True)
     depth: int | None = opt(None, "number of blocks, for models that have one (fastnet)", positive=True)
+    stem: int | None = opt(None, "fastnet's first-layer stride: 2 reads disjoint 2×2 patches, halving the side "
+                                 "before the first block (photos; the budget policy sets it)", positive=True)
     head: str = opt("linear", "task head: linear or mlp:HIDDEN")
     weights: str | None = opt(None, "initial weights: imagenet, a run directory, a .safetensors or a state-dict file")
     freeze_backbone: bool = opt(False, "train only the head (backbone BatchNorm statistics stay fixed)")
@@ -84,7 +86,8 @@ class ModelConfig:
     def options(self) -> dict:
         """The registry options the user set (--width, --depth): create_model's keywords, model.json's
         `model_options`."""
-        return {k: v for k, v in (("width", self.width), ("depth", self.depth)) if v is not None}
+        return {k: v for k, v in (("width", self.width), ("depth", self.depth), ("stem", self.stem))
+                if v is not None}
 
 
 @dataclass

@@ -126,9 +126,14 @@ class Tier:
     size: int | None = None  # final training side in px; None: the data's own (the small-image path)
     width: float | None = None
     depth: int | None = None
+    stem: int | None = None  # fastnet's first-layer stride (2: the side halves before the first block)
+
+    def options(self) -> dict:
+        """The net's registry options (create_model's keywords, the settings of the same names)."""
+        return {k: v for k, v in (("width", self.width), ("depth", self.depth), ("stem", self.stem)) if v is not None}
 
     def describe(self) -> str:
-        options = [f"{k} {v:g}" for k, v in (("width", self.width), ("depth", self.depth)) if v is not None]
+        options = [f"{k} {v:g}" for k, v in self.options().items()]
         return self.model + (f" ({', '.join(options)})" if options else "")
 
 
@@ -143,13 +148,22 @@ SMALL_TIERS = (  # fastnet at the data's side: width is the lever (1,272 / 674 /
 PHOTO_TIERS = tuple(Tier("fastnet", side, width=0.5) for side in (64, 80, 96, 112, 128, 160, 192, 224)) + (
     Tier("fastnet", 160, width=1.0), Tier("fastnet", 224, width=1.0),
 )
-# The policy takes the costliest tier that still affords this many epochs in the budget. Fitted on
-# CIFAR-10 at 600 s: width 0.75 in 8 epochs (87.3%) beat width 0.5 in 17 (86.9%), and width 0.5 is near
-# its ceiling by 8 (86.3% at 300 s); at 300 s Imagenette affords 7 epochs at 64 px, the cheapest tier.
-MIN_EPOCHS = {"fastnet": 8.0, "photonet": 16.0}
-# A whole run's images/s as a share of the probe's (augmentation, EMA, validation with TTA, the
-# recipe's batch): measured, fastnet 1,253 of 1,272 on CIFAR-10; fastnet at 64 px 192 of 297 on Imagenette.
-RUN_EFFICIENCY = {"small": 0.95, "photo": 0.65}
+# The policy takes the costliest tier that still affords this many epochs in the budget. Small images
+# (fitted on CIFAR-10 at 600 s): width 0.75 in 8 epochs (87.3%) beat width 0.5 in 17 (86.9%), and width
+# 0.5 is near its ceiling by 8 (86.3% at 300 s). Photos need many more (Imagenette, 2 cores, BatchNorm
+# recalibrated): 64 px in 40 epochs (900 s) 88.54%, against 112 px in 13 (900 s) 86.55% and 64 px in 16
+# (300 s) 86.88%, so a larger side is worth its cost only once it still affords about 26 epochs.
+MIN_EPOCHS = {"small": 8.0, "photo": 26.0}
+
+
+def min_epochs(tier: Tier) -> float:
+    """The epochs a tier must afford to be chosen (MIN_EPOCHS of its kind of data)."""
+    return MIN_EPOCHS["small" if tier.size is None else "photo"]
+# A whole run's images/s as a share of the probe's (augmentation, EMA, validation with TTA and BatchNorm
+# recalibration, the recipe's batch of 512 against the probe's 64): measured, fastnet 1,253 of 1,272 on
+# CIFAR-10; on Imagenette, epochs run against epochs a share of 1.0 planned: 39 of 47 (48→64 px, 900 s),
+# 27 of 34 (64→96 px, 1,800 s), 12 of 14 (mixed sizes, 300 s).
+RUN_EFFICIENCY = {"small": 0.95, "photo": 0.8}
 # Photos train on random-resized crops (progressive resizing, FixRes) when this holds, else on
 # translate-and-flip at the stored side: inet300_D in BENCHMARKS.md decided it.
 PHOTO_CROPS = True
@@ -245,18 +259,18 @@ class Plan:
 
 def plan_tier(tiers: tuple[Tier, ...], n_train: int, native: int | None, budget: float,
               speeds: dict[Tier, float]) -> Plan:
-    """The costliest tier that affords MIN_EPOCHS in `budget` seconds, else the cheapest: a pure
+    """The costliest tier that affords its min_epochs in `budget` seconds, else the cheapest: a pure
     function of the data (count, native side), the measured `speeds` (training images/s of one probe
     step per tier, at the tier's final side) and the budget, so the same inputs give the same plan.
     Photo tiers above the images' own side are skipped."""
     usable = usable_tiers(tiers, native)
     chosen = usable[0]
     for tier in usable:
-        if afforded_epochs(tier, speeds[tier], n_train, budget) >= MIN_EPOCHS.get(tier.model, 8.0):
+        if afforded_epochs(tier, speeds[tier], n_train, budget) >= min_epochs(tier):
             chosen = tier
     epochs = afforded_epochs(chosen, speeds[chosen], n_train, budget)
     speed = run_speed(chosen, speeds[chosen])
-    need = MIN_EPOCHS.get(chosen.model, 8.0)
+    need = min_epochs(chosen)
     why = (f"the costliest of {len(usable)} choices that affords {need:g} epochs" if epochs >= need
            else f"the cheapest choice; even it affords under {need:g} epochs")
     if chosen.size is None:

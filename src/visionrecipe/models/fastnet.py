@@ -7,9 +7,10 @@ Usage::
 
     model = create_model("fastnet", num_classes=10, image_size=32)       # widths 64, 256, 256
     model = create_model("fastnet", num_classes=10, width=0.5, depth=4)  # 32, 128, 128, 128
+    model = create_model("fastnet", num_classes=10, image_size=128, stem=2)  # blocks see 64×64
     init_whitening(model, train_images[:5000])  # normalised float (N, C, H, W); freezes the layer
 
-Layout (airbench94): a 2x2 "whitening" conv with 2*C*2*2 outputs (24 for RGB) -> GELU ->
+Layout (airbench94): a 2x2 "whitening" conv with 2*C*2*2 outputs (24 for RGB; stride ``stem``) -> GELU ->
 ``depth`` blocks of [Conv3x3 -> MaxPool(2) -> BN -> GELU -> Conv3x3 -> BN -> GELU] ->
 global max pool -> head Linear (no bias) -> logits times 1/9.
 
@@ -32,6 +33,10 @@ from visionrecipe.models.registry import register_model
 WIDTHS = (64, 256, 256)  # channels of blocks 1..3; further blocks repeat the last
 WHITEN_KERNEL = 2
 LOGIT_SCALE = 1 / 9
+# The whitening conv's stride: 1 (airbench, small images) or 2, which reads the image in disjoint 2×2
+# patches (lossless: 12 values in, 24 whitened out) and so halves the side before the first block. A
+# photo at 2s px then costs about what one at s px costs with stride 1, and keeps its detail.
+STEM_STRIDES = (1, 2)
 # PyTorch's momentum is the weight of the new batch: airbench's "0.6" is torch's 0.4.
 BN_MOMENTUM = 0.4
 
@@ -65,13 +70,13 @@ class ConvBlock(nn.Module):
 class FastNet(nn.Module):
     """Whitening conv, ``len(widths)`` conv blocks, global max pool, bias-free Linear head."""
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: list[int]):
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: list[int], stem: int = 1):
         super().__init__()
         whiten_width = 2 * in_channels * WHITEN_KERNEL**2  # each eigenvector and its negative
-        self.whiten = nn.Conv2d(in_channels, whiten_width, WHITEN_KERNEL, padding=0, bias=True)
+        self.whiten = nn.Conv2d(in_channels, whiten_width, WHITEN_KERNEL, stride=stem, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from data by init_whitening, never trained
         self.act = nn.GELU()
-        side = image_size - WHITEN_KERNEL + 1  # (n + 2*0 - 2)/1 + 1
+        side = (image_size - WHITEN_KERNEL) // stem + 1  # (n + 2*0 - 2)/stem + 1
         blocks, channels = [], whiten_width
         for width in widths:
             blocks.append(ConvBlock(channels, width, pool=side >= 2))
@@ -105,12 +110,15 @@ def fastnet_widths(width: float = 1.0, depth: int = 3) -> list[int]:
     head_path="head",
     family="fastnet",
     description="airbench-style fast CNN: frozen whitening conv, dirac-initialised conv blocks",
-    options=("width", "depth"),
+    options=("width", "depth", "stem"),
 )
-def fastnet(num_classes: int, in_channels: int, image_size: int, width: float = 1.0, depth: int = 3) -> nn.Module:
+def fastnet(num_classes: int, in_channels: int, image_size: int, width: float = 1.0, depth: int = 3,
+            stem: int = 1) -> nn.Module:
     if image_size < WHITEN_KERNEL:
         raise VisionRecipeError(f"fastnet needs images of at least 2x2 pixels, got {image_size}")
-    return FastNet(num_classes, in_channels, image_size, fastnet_widths(width, depth))
+    if isinstance(stem, bool) or stem not in STEM_STRIDES:
+        raise VisionRecipeError(f"fastnet stem must be one of {', '.join(map(str, STEM_STRIDES))}, got {stem!r}")
+    return FastNet(num_classes, in_channels, image_size, fastnet_widths(width, depth), stem)
 
 
 def patch_covariance(images: torch.Tensor, kernel_size: int = WHITEN_KERNEL) -> torch.Tensor:

@@ -8,7 +8,7 @@ The policy itself is data in recipes.py (tiers, MIN_EPOCHS, FIXRES, progressive 
 pure function, `plan_tier`; this module feeds it what only this machine knows: how many images
 per second each candidate trains at, timed on random images before the data is decoded (the
 chosen side decides the side the data is stored at). It runs for the default command, where the
-recipe picks the net (`--model`, `--width`, `--depth`, `--weights` unset); its choices become
+recipe picks the net (`--model`, `--width`, `--depth`, `--stem`, `--weights` unset); its choices become
 ordinary settings, so config.yaml holds them and a resume replays them without measuring again.
 """
 
@@ -22,15 +22,15 @@ import torch
 
 from visionrecipe.config import Config
 from visionrecipe.errors import VisionRecipeError
-from visionrecipe.recipes import (CROP_SCALE, DEFAULT_PHOTO_BUDGET, MIN_EPOCHS, PHOTO_CROPS, PHOTO_TIERS, SMALL_TIERS,
-                                  Plan, Tier, afforded_epochs, copy_config, photo_data, plan_tier, usable_tiers)
+from visionrecipe.recipes import (CROP_SCALE, DEFAULT_PHOTO_BUDGET, PHOTO_CROPS, PHOTO_TIERS, SMALL_TIERS,
+                                  Plan, Tier, afforded_epochs, copy_config, min_epochs, photo_data, plan_tier, usable_tiers)
 from visionrecipe.system import log
 
 # Images per timed step (CPU; ×4 on CUDA): enough for a steady rate, few enough that timing the
 # photo tiers (fastnet at 96 px trains about 85 img/s on 2 cores) takes seconds, not a minute.
 PROBE_BATCH = {"small": 256, "photo": 64}
 PROBE_STEPS = 3  # timed, after one untimed step (the first step of a shape builds its kernels)
-# Tiers whose speed estimated from their MACs would afford under this share of MIN_EPOCHS are not timed.
+# Tiers whose speed estimated from their MACs would afford under this share of min_epochs are not timed.
 PROBE_CUTOFF = 0.6
 # Without a budget (--epochs given) photos train at this tier (fastnet at 96 px).
 NO_BUDGET_TIER = PHOTO_TIERS[2]
@@ -46,7 +46,7 @@ def policy_applies(cfg: Config) -> bool:
     """The default command: the recipe chooses the net (nothing about the model was given)."""
     model = cfg.model
     return (cfg.optim.recipe in (None, "fast") and model.model is None and model.weights is None
-            and model.width is None and model.depth is None and cfg.optim.train_size is None)
+            and model.width is None and model.depth is None and model.stem is None and cfg.optim.train_size is None)
 
 
 def plan_run(settings: Config, device: torch.device, world) -> tuple[Config, str | None]:
@@ -93,7 +93,7 @@ def _plan(settings: Config, described: tuple[int, int | None], device: torch.dev
         tiers = PHOTO_TIERS if photos else SMALL_TIERS
         speeds = measure_speeds(tiers, n_train, native, budget, device, processes)
         plan = plan_tier(tuple(speeds), n_train, native, budget, speeds)
-    chosen = {"model": plan.tier.model, "width": plan.tier.width, "depth": plan.tier.depth}
+    chosen = {"model": plan.tier.model, **plan.tier.options()}
     if plan.image_size is not None:
         chosen.update(image_size=plan.image_size, train_size=plan.train_size, train_size_start=plan.train_size_start)
         if settings.optim.crop_scale is None:  # photos: random-resized crops, or translate-and-flip
@@ -125,7 +125,7 @@ def describe_plan(plan: Plan, budget: float | None, default_budget: bool, n_trai
 def measure_speeds(tiers: tuple[Tier, ...], n_train: int, native: int | None, budget: float,
                    device: torch.device, processes: int = 1) -> dict[Tier, float]:
     """Training images/s of each tier worth timing, cheapest first: a tier is timed unless its speed
-    estimated from the last timed one (scaled by their MACs) affords under PROBE_CUTOFF of MIN_EPOCHS,
+    estimated from the last timed one (scaled by their MACs) affords under PROBE_CUTOFF of its min_epochs,
     and the walk stops at the first timed tier that affords too few. The untimed keep their estimates."""
     usable = usable_tiers(tiers, native)
     side = native or 32
@@ -133,7 +133,7 @@ def measure_speeds(tiers: tuple[Tier, ...], n_train: int, native: int | None, bu
     last, last_macs = None, None
     for tier in usable:
         macs = tier_macs(tier, side)
-        need = MIN_EPOCHS.get(tier.model, 8.0)
+        need = min_epochs(tier)
         if last is not None:
             estimate = speeds[last] * last_macs / macs
             if afforded_epochs(tier, estimate, n_train, budget) < PROBE_CUTOFF * need:
@@ -151,8 +151,7 @@ def measure_speeds(tiers: tuple[Tier, ...], n_train: int, native: int | None, bu
 def _build(tier: Tier, side: int, device: torch.device | str = "cpu") -> torch.nn.Module:
     from visionrecipe.models import create_model
 
-    options = {k: v for k, v in (("width", tier.width), ("depth", tier.depth)) if v is not None}
-    return create_model(tier.model, 10, in_channels=3, image_size=tier.size or side, **options).to(device)
+    return create_model(tier.model, 10, in_channels=3, image_size=tier.size or side, **tier.options()).to(device)
 
 
 def tier_macs(tier: Tier, side: int) -> int:

@@ -225,7 +225,7 @@ def tune_stage(base: dict, out: Path, budget: float, options: AutoOptions):
         return result, line + "; none complete, the final run uses the recipe's defaults"
     cfg = result.best_config
     shape = cfg["model"] + (f" width {cfg['width']:g}" if cfg.get("width") else "") + \
-        (f" depth {cfg['depth']}" if cfg.get("depth") else "")
+        (f" depth {cfg['depth']}" if cfg.get("depth") else "") + (f" stem {cfg['stem']}" if cfg.get("stem") else "")
     return result, (f"{line} of {base['time_budget']:.0f}s; best val_acc {100 * result.best_value:.2f}% "
                     f"(trial {result.best_trial}: {shape}, {cfg['optimizer']} lr {cfg['lr']:.3g})")
 

@@ -34,7 +34,7 @@ from visionrecipe.errors import VisionRecipeError
 TYPES = ("float", "int", "categorical")
 # Settings that only some models accept; sampled only when the trial's model lists them in
 # get_spec(name).options, so a seedcnn trial has no meaningless `width` parameter.
-MODEL_OPTIONS = ("width", "depth")
+MODEL_OPTIONS = ("width", "depth", "stem")
 DEFAULT_MODELS = ["fastnet", "seedcnn", "resnet18_cifar"]
 
 
