@@ -308,7 +308,7 @@ def objective(trial, job: dict, outcome: dict) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):
         try:
-            train(cfg, on_epoch=on_epoch, evaluate_test=False)
+            run = train(cfg, on_epoch=on_epoch, evaluate_test=False)
         except (optuna.TrialPruned, TrainingInterrupted, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - any training error fails this trial only
@@ -317,7 +317,9 @@ def objective(trial, job: dict, outcome: dict) -> float:
             outcome["error"] = message
             raise TrialFailed(message) from None
     trial.set_user_attr("config", load_config(run_dir / "config.yaml").flat())
-    return best
+    # The score of the model the trial hands over (model.json): the best epoch's, or at the planned end
+    # the last one's when the validation split cannot tell it from the best (train/callbacks.keeps).
+    return run.meta.get("val_acc", run.meta.get("test_acc", best))
 
 
 def progress_line(study, trial, job: dict, outcome: dict) -> None:
