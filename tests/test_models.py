@@ -65,6 +65,19 @@ def test_list_models_has_the_built_ins():
     assert list_models() == sorted(list_models())
 
 
+def test_every_model_option_is_a_setting_a_policy_tier_and_a_searchable_parameter():
+    from dataclasses import fields
+
+    from visionrecipe.config import MODEL_OPTIONS, ModelConfig
+    from visionrecipe.recipes import Tier
+
+    assert set().union(*(get_spec(name).options for name in list_models())) == set(MODEL_OPTIONS)
+    for holder in (ModelConfig, Tier):
+        assert set(MODEL_OPTIONS) <= {f.name for f in fields(holder)}
+    assert ModelConfig(width=0.5, stem=2).options() == {"width": 0.5, "stem": 2}
+    assert Tier("fastnet", 128, width=0.5, stem=2).options() == {"width": 0.5, "stem": 2}
+
+
 # --- seedcnn ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size, channels", [(8, 1), (32, 3), (64, 3)])

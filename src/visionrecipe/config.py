@@ -66,6 +66,11 @@ class DataConfig:
                              "the free RAM and GPU memory)", choices=("memory", "disk", "auto"))
 
 
+# The settings that only some registry models accept (ModelSpec.options): create_model's keywords,
+# model.json's `model_options`, the budget policy's tier fields, the search space's per-model parameters.
+MODEL_OPTIONS = ("width", "depth", "stem")
+
+
 @dataclass
 class ModelConfig:
     model: str | None = opt(None, "model name from `visionrecipe models` or timm:<name> (default: recipe's)")
@@ -84,10 +89,9 @@ class ModelConfig:
     threshold: float = opt(0.5, "multilabel decision threshold", minimum=0.0)
 
     def options(self) -> dict:
-        """The registry options the user set (--width, --depth): create_model's keywords, model.json's
-        `model_options`."""
-        return {k: v for k, v in (("width", self.width), ("depth", self.depth), ("stem", self.stem))
-                if v is not None}
+        """The registry options the user set (MODEL_OPTIONS: --width, --depth, --stem): create_model's
+        keywords, model.json's `model_options`."""
+        return {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from visionrecipe.config import FIELDS, Config, apply_overrides
+from visionrecipe.config import FIELDS, MODEL_OPTIONS, Config, apply_overrides
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class Tier:
 
     def options(self) -> dict:
         """The net's registry options (create_model's keywords, the settings of the same names)."""
-        return {k: v for k, v in (("width", self.width), ("depth", self.depth), ("stem", self.stem)) if v is not None}
+        return {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
 
     def describe(self) -> str:
         options = [f"{k} {v:g}" for k, v in self.options().items()]

@@ -46,7 +46,7 @@ def policy_applies(cfg: Config) -> bool:
     """The default command: the recipe chooses the net (nothing about the model was given)."""
     model = cfg.model
     return (cfg.optim.recipe in (None, "fast") and model.model is None and model.weights is None
-            and model.width is None and model.depth is None and model.stem is None and cfg.optim.train_size is None)
+            and not model.options() and cfg.optim.train_size is None)
 
 
 def plan_run(settings: Config, device: torch.device, world) -> tuple[Config, str | None]:

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 
-from visionrecipe.config import FIELDS, coerce, read_yaml_mapping
+from visionrecipe.config import FIELDS, MODEL_OPTIONS, coerce, read_yaml_mapping
 from visionrecipe.errors import VisionRecipeError
 
 TYPES = ("float", "int", "categorical")
-# Settings that only some models accept; sampled only when the trial's model lists them in
-# get_spec(name).options, so a seedcnn trial has no meaningless `width` parameter.
-MODEL_OPTIONS = ("width", "depth", "stem")
+# config.MODEL_OPTIONS, the settings that only some models accept, are sampled only when the trial's
+# model lists them in get_spec(name).options, so a seedcnn trial has no meaningless `width` parameter.
 DEFAULT_MODELS = ["fastnet", "seedcnn", "resnet18_cifar"]
 
 
