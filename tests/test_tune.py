@@ -173,6 +173,23 @@ def test_auto_keeps_the_best_trial_when_no_time_is_left_to_beat_it(tmp_path, spa
     assert handed_over >= summary["best_val_acc"] - 1e-6
 
 
+def test_a_trial_scores_as_the_model_it_keeps():
+    """A complete trial keeps its last epoch when validation cannot tell it from the best (callbacks.keeps),
+    so its score is its value, not its best epoch's; a pruned trial kept its best epoch."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from visionrecipe.tune.report import best_trial, score
+
+    lr = {"params": {"lr": 0.01}, "distributions": {"lr": FloatDistribution(1e-3, 1e-1)}}
+    complete = create_trial(state=TrialState.COMPLETE, value=0.986, intermediate_values={1: 0.97, 2: 0.993, 3: 0.986},
+                            **lr)
+    pruned = create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.95, 2: 0.96, 3: 0.955}, **lr)
+    assert score(complete) == 0.986 and score(pruned) == 0.96
+    other = create_trial(state=TrialState.COMPLETE, value=0.99, intermediate_values={1: 0.99}, **lr)
+    assert best_trial([complete, other, pruned]) is other  # 0.99 kept beats a best epoch of 0.993 not kept
+
+
 def test_a_retrain_worse_than_the_best_trial_is_not_handed_over(tmp_path):
     """The retrain had the time but reached less (here: an lr that cannot learn): the trial wins."""
     from visionrecipe import train

@@ -52,7 +52,10 @@ def best_trial(done: list):
 
 
 def score(trial) -> float | None:
-    """A trial's score: its best per-epoch validation accuracy (a pruned trial's too)."""
+    """A trial's score, that of the model it keeps: a complete trial's value (its kept epoch's, see
+    train/callbacks.keeps), a pruned trial's best per-epoch validation accuracy (stopped early, it keeps its best)."""
+    if trial.state.name == "COMPLETE" and trial.value is not None:
+        return trial.value
     values = list(trial.intermediate_values.values())
     return max(values) if values else trial.value
 
