@@ -3,7 +3,9 @@ orientations) and rescaled so its shorter side is 100-600 px, with the train/ an
 
     python bench/mixed_folder.py ~/.cache/visionrecipe/imagenette ~/.cache/visionrecipe/imagenette-mixed
     visionrecipe train --data ~/.cache/visionrecipe/imagenette-mixed --time-budget 300    # no size flags
-    visionrecipe train --data ~/.cache/visionrecipe/imagenette --time-budget 300          # the square version
+    python bench/mixed_folder.py ~/.cache/visionrecipe/imagenette ~/.cache/visionrecipe/imagenette-mixed-square \
+        --square-crops 224        # the square version: the same crops, each cut to its centre square
+    visionrecipe train --data ~/.cache/visionrecipe/imagenette-mixed-square --time-budget 300
     python bench/mixed_folder.py ~/.cache/visionrecipe/imagenette ~/.cache/visionrecipe/photos128 \
         --square 128 --classes 5 --per-class 860      # 4,300 photos of 128 px in 5 classes, one flat folder
 
@@ -22,8 +24,8 @@ from pathlib import Path
 from PIL import Image
 
 
-def convert(job: tuple[int, str, str, int | None]) -> tuple[int, int]:
-    index, source, target, square = job
+def convert(job: tuple[int, str, str, int | None, int | None]) -> tuple[int, int]:
+    index, source, target, square, square_crops = job
     rng = random.Random(index)
     with Image.open(source) as img:
         img = img.convert("RGB")
@@ -37,6 +39,13 @@ def convert(job: tuple[int, str, str, int | None]) -> tuple[int, int]:
         bw, bh = (long, short) if rng.random() < 0.5 else (short, long)  # landscape or portrait
         x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
         crop = img.crop((round(x0), round(y0), round(x0 + bw), round(y0 + bh)))
+        if square_crops:  # the same crop (the same draws), its centre square at one side
+            cw, ch = crop.size
+            s = min(cw, ch)
+            box = ((cw - s) // 2, (ch - s) // 2, (cw - s) // 2 + s, (ch - s) // 2 + s)
+            out = crop.crop(box).resize((square_crops, square_crops), Image.BICUBIC)
+            out.save(target, quality=90)
+            return out.size
         scale = rng.uniform(100, 600) / min(crop.size)
         out = crop.resize((max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale))),
                           Image.BICUBIC)
@@ -50,6 +59,8 @@ def main() -> None:
     parser.add_argument("target", type=Path)
     parser.add_argument("--square", type=int, help="instead: every image resized to this square side, in one flat "
                                                     "folder of class subfolders (train/ and val/ pooled)")
+    parser.add_argument("--square-crops", type=int, help="the mixed folder's square version: the same crops, each "
+                                                          "cut to its centre square and resized to this side")
     parser.add_argument("--classes", type=int, help="with --square: only the first N classes")
     parser.add_argument("--per-class", type=int, help="with --square: at most this many images a class")
     args = parser.parse_args()
@@ -68,7 +79,7 @@ def main() -> None:
                 relative = Path(name) / f"{relative.parts[0]}-{path.name}"
             out = target / relative.with_suffix(".jpg")
             out.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append((len(jobs), str(path), str(out), args.square))
+            jobs.append((len(jobs), str(path), str(out), args.square, args.square_crops))
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         sizes = list(pool.map(convert, jobs, chunksize=64))
     shorter = sorted(min(s) for s in sizes)

@@ -11,7 +11,13 @@
     the fast recipe), otherwise as (b).
 (d) as (c) with `--stem 2`: the whitening conv reads disjoint 2×2 patches, so the blocks run at half the side.
 
-Both train on the same subset (the first --images files of train/, in a temporary folder of links), in fresh
+With --accuracy SECONDS, time to equal accuracy instead: (a) on all of train/ at the first --sides side for
+SECONDS (cosine over the time, then scored on val/ after Resize(side·8/7) + CenterCrop(side)), against the default
+command, `visionrecipe train --data DATA --time-budget SECONDS/3`, scored on val/ as the test split:
+
+    python bench/photos.py --data ~/.cache/visionrecipe/imagenette --accuracy 900 --sides 128
+
+Otherwise both train on the same subset (the first --images files of train/, in a temporary folder of links), in fresh
 processes with the same thread count, for --seconds of training each (after warm-up steps for (a); for (b)
 the first epoch's rate, which includes its warm-up). The decode of (b) is timed separately and reported, not
 counted. Prints a Markdown table: images/s of each and their ratio, per side.
@@ -43,21 +49,31 @@ def subset_folder(data: Path, images: int, into: Path) -> Path:
     return into
 
 
-def torchvision_rate(folder: Path, side: int, seconds: float, threads: int) -> float:
+NORMALISE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LR = 0.1
+
+
+def torchvision_loop(folder: Path, side: int, seconds: float, threads: int, schedule: bool = False):
+    """(a): trains for `seconds` after 3 warm-up steps; returns (model, images/s). With `schedule`, the
+    learning rate follows a cosine from LR to 0 over the seconds."""
+    import math
+
     import torch
     import torchvision
     from torchvision import transforms as T
 
     torch.set_num_threads(threads)
-    tf = T.Compose([T.RandomResizedCrop(side), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = T.Compose([T.RandomResizedCrop(side), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(*NORMALISE)])
     loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(folder, tf), batch_size=64, shuffle=True,
                                          num_workers=2, persistent_workers=True, drop_last=True)
     model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     seen, started, steps = 0, None, 0
     while True:
         for x, y in loader:
+            if schedule and started is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = LR * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.perf_counter() - started) / seconds)))
             loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
             optimizer.zero_grad()
             loss.backward()
@@ -68,7 +84,52 @@ def torchvision_rate(folder: Path, side: int, seconds: float, threads: int) -> f
             elif steps > 3:
                 seen += len(y)
                 if time.perf_counter() - started >= seconds:
-                    return seen / (time.perf_counter() - started)
+                    return model, seen / (time.perf_counter() - started)
+
+
+def torchvision_rate(folder: Path, side: int, seconds: float, threads: int) -> float:
+    return torchvision_loop(folder, side, seconds, threads)[1]
+
+
+def torchvision_accuracy(data: Path, side: int, seconds: float, threads: int) -> tuple[float, float]:
+    """(a) on all of train/ for `seconds`, scored on val/: (accuracy, training images/s)."""
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+
+    model, rate = torchvision_loop(data / "train", side, seconds, threads, schedule=True)
+    tf = T.Compose([T.Resize(side * 8 // 7), T.CenterCrop(side), T.ToTensor(), T.Normalize(*NORMALISE)])
+    loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(data / "val", tf), batch_size=128,
+                                         num_workers=2)
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            right += (model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum().item()
+            total += len(y)
+    return right / total, rate
+
+
+def accuracy_table(data: Path, side: int, seconds: float, threads: int) -> None:
+    proc = subprocess.run([sys.executable, __file__, "--one-accuracy", str(data), str(side), "--seconds",
+                           str(seconds), "--threads", str(threads)], capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("ACCURACY ")), None)
+    if line is None:
+        sys.exit(proc.stderr[-3000:])
+    theirs, rate = map(float, line.split()[1:])
+    print(f"(a) torchvision resnet18 at {side} px, {seconds:.0f} s: {100 * theirs:.2f}% on val ({rate:.1f} img/s)",
+          flush=True)
+    out = Path(tempfile.mkdtemp()) / "run"
+    cmd = [sys.executable, "-m", "visionrecipe", "train", "--data", str(data), "--time-budget", str(seconds / 3),
+           "--threads", str(threads), "--out", str(out), "--no-progress", "--no-report"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    ours = json.loads((out / "eval.json").read_text())["accuracy"]
+    plan = next((l for l in proc.stdout.splitlines() if l.startswith("plan:")), "")
+    print(f"(c) visionrecipe default, {seconds / 3:.0f} s: {100 * ours:.2f}% on val; {plan[:120]}", flush=True)
+    print(f"\n| (a) torchvision, {seconds:.0f} s | (c) visionrecipe, {seconds / 3:.0f} s | (c) in a third of the time "
+          f"reaches (a) |\n|---:|---:|---|\n| {100 * theirs:.2f}% | {100 * ours:.2f}% | {'yes' if ours >= theirs else 'no'} |")
 
 
 def visionrecipe_rate(folder: Path, side: int, seconds: float, threads: int, cache: Path, model: list[str]) -> dict:
@@ -97,10 +158,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="train files used (a subset, same for both)")
     parser.add_argument("--seconds", type=float, default=60, help="training seconds per contender and side")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accuracy", type=float, help="time to equal accuracy: (a) for this many seconds against "
+                                                         "the default command in a third of them")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: torchvision FOLDER SIDE
+    parser.add_argument("--one-accuracy", nargs=2, help=argparse.SUPPRESS)  # internal: torchvision DATA SIDE
     args = parser.parse_args()
     if args.one:
         print("RATE", torchvision_rate(Path(args.one[0]), int(args.one[1]), args.seconds, args.threads), flush=True)
+        return
+    if args.one_accuracy:
+        accuracy, rate = torchvision_accuracy(Path(args.one_accuracy[0]), int(args.one_accuracy[1]), args.seconds,
+                                              args.threads)
+        print("ACCURACY", accuracy, rate, flush=True)
+        return
+    if args.accuracy:
+        accuracy_table(args.data.expanduser(), args.sides[0], args.accuracy, args.threads)
         return
     work = Path(tempfile.mkdtemp(prefix="visionrecipe-photos-"))
     folder = subset_folder(args.data.expanduser(), args.images, work / "subset")
