@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionrecipe.rundir import METRICS, atomic_write_text, has_model, read_metrics
-from visionrecipe.config import AutoOptions, Config, TuneOptions, apply_overrides
+from visionrecipe.config import MODEL_OPTIONS, AutoOptions, Config, TuneOptions, apply_overrides
 from visionrecipe.errors import VisionRecipeError
 
 # Test evaluation, ONNX export with its verification, and the report: kept back from training.
@@ -224,8 +224,7 @@ def tune_stage(base: dict, out: Path, budget: float, options: AutoOptions):
     if result.best_config is None:
         return result, line + "; none complete, the final run uses the recipe's defaults"
     cfg = result.best_config
-    shape = cfg["model"] + (f" width {cfg['width']:g}" if cfg.get("width") else "") + \
-        (f" depth {cfg['depth']}" if cfg.get("depth") else "") + (f" stem {cfg['stem']}" if cfg.get("stem") else "")
+    shape = cfg["model"] + "".join(f" {k} {cfg[k]:g}" for k in MODEL_OPTIONS if cfg.get(k))
     return result, (f"{line} of {base['time_budget']:.0f}s; best val_acc {100 * result.best_value:.2f}% "
                     f"(trial {result.best_trial}: {shape}, {cfg['optimizer']} lr {cfg['lr']:.3g})")
 

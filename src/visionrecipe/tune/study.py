@@ -289,11 +289,8 @@ def objective(trial, job: dict, outcome: dict) -> float:
     planned = resolve_recipe(cfg)
     trial.set_user_attr("config", planned.flat())
     epochs = planned.optim.epochs if not planned.optim.time_budget else math.inf  # a budget replans epochs
-    best = 0.0
 
     def on_epoch(record: dict) -> None:
-        nonlocal best
-        best = max(best, record["val_acc"])
         trial.report(record["val_acc"], record["epoch"])
         if record["epoch"] >= epochs:
             return  # the last epoch: nothing left to save by stopping
@@ -319,7 +316,7 @@ def objective(trial, job: dict, outcome: dict) -> float:
     trial.set_user_attr("config", load_config(run_dir / "config.yaml").flat())
     # The score of the model the trial hands over (model.json): the best epoch's, or at the planned end
     # the last one's when the validation split cannot tell it from the best (train/callbacks.keeps).
-    return run.meta.get("val_acc", run.meta.get("test_acc", best))
+    return run.meta["val_acc"]
 
 
 def progress_line(study, trial, job: dict, outcome: dict) -> None:
