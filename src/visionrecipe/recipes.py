@@ -128,6 +128,11 @@ class Tier:
     depth: int | None = None
     stem: int | None = None  # fastnet's first-layer stride (2: the side halves before the first block)
 
+    @property
+    def kind(self) -> str:
+        """"small" (trains at the data's own side) or "photo": the key of MIN_EPOCHS, RUN_EFFICIENCY, the probe's batch."""
+        return "small" if self.size is None else "photo"
+
     def options(self) -> dict:
         """The net's registry options (create_model's keywords, the settings of the same names)."""
         return {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
@@ -158,7 +163,9 @@ MIN_EPOCHS = {"small": 8.0, "photo": 26.0}
 
 def min_epochs(tier: Tier) -> float:
     """The epochs a tier must afford to be chosen (MIN_EPOCHS of its kind of data)."""
-    return MIN_EPOCHS["small" if tier.size is None else "photo"]
+    return MIN_EPOCHS[tier.kind]
+
+
 # A whole run's images/s as a share of the probe's (augmentation, EMA, validation with TTA and BatchNorm
 # recalibration, the recipe's batch of 512 against the probe's 64): measured, fastnet 1,253 of 1,272 on
 # CIFAR-10; on Imagenette, epochs run against epochs a share of 1.0 planned: 39 of 47 (48→64 px, 900 s),
@@ -236,7 +243,7 @@ def run_speed(tier: Tier, probe_speed: float) -> float:
     """A whole run's images/s from a probe's at the final side: RUN_EFFICIENCY, and the cheaper
     early steps of progressive resizing."""
     cost = progressive_cost(tier.size, progressive_start(tier.size)) if tier.size and PHOTO_CROPS else 1.0
-    return probe_speed * RUN_EFFICIENCY["small" if tier.size is None else "photo"] / cost
+    return probe_speed * RUN_EFFICIENCY[tier.kind] / cost
 
 
 def afforded_epochs(tier: Tier, probe_speed: float, n_train: int, budget: float) -> float:

@@ -166,7 +166,7 @@ def probe_speed(tier: Tier, side: int, device: torch.device) -> float:
     """Images/s of training steps (forward, backward, SGD) of the tier's net on random images."""
     model = _build(tier, side, device).to(memory_format=torch.channels_last)
     size = tier.size or side
-    batch = PROBE_BATCH["small" if tier.size is None else "photo"] * (4 if device.type == "cuda" else 1)
+    batch = PROBE_BATCH[tier.kind] * (4 if device.type == "cuda" else 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
